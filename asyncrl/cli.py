@@ -1,0 +1,77 @@
+"""The `asyncrl` command. Parses and validates before importing torch, Ray or vLLM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from asyncrl.config import ConfigError, load_config, to_yaml
+
+DESCRIPTION = """\
+asyncrl: asynchronous RL post-training for LLMs.
+vLLM rollout workers stream scored trajectories into a Redis + Arrow store; DeepSpeed trainers
+consume them under a hard staleness bound; new weights flow back to the engines after each step.
+
+A job is one YAML file plus key=value overrides, e.g.
+  asyncrl train configs/demo.yaml run.steps=20 scheduler.max_staleness=2
+  asyncrl config show configs/tiny.yaml trainer.lr=3e-5
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asyncrl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="run a training job",
+        description="Run a job: start the store and Ray on loopback, the rollout and trainer workers, and "
+        "train for run.steps optimizer steps. Writes config.yaml, metrics.jsonl, ledger.jsonl, "
+        "tensorboard/ and reward.png into run.dir.",
+    )
+    _config_args(train)
+    train.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+
+    config = commands.add_parser("config", help="inspect a job config")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config (YAML + overrides + defaults)")
+    _config_args(show)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="job YAML file, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=5")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from asyncrl.models import ModelError
+    from storage import StoreError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "config":
+            print(to_yaml(cfg), end="")
+            return 0
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if args.quiet:
+            cfg.run.progress = False
+        from asyncrl.controller import train
+
+        run_dir = train(cfg)
+    except (ConfigError, ModelError, StoreError) as err:
+        print(f"asyncrl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asyncrl: interrupted; workers and the store were stopped", file=sys.stderr)
+        return 130
+    print(f"run finished: {run_dir} (metrics.jsonl, ledger.jsonl, reward.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

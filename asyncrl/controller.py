@@ -1,0 +1,161 @@
+"""The run loop: issue prompts under admission control, train a step, sync weights, log.
+
+Rollout workers generate continuously in their own actors; the trainer pulls scored groups
+from the store as they arrive. The driver only decides how many prompts may be in flight
+(the staleness bound), waits for each optimizer step, and moves the new weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from asyncrl.config import Config, to_yaml
+from asyncrl.data import build_prompt_source
+from asyncrl.metrics import RunWriter, plot_rewards
+from asyncrl.progress import step_progress
+from asyncrl.runtime import ray_session, store_server
+from asyncrl.scheduler import Scheduler
+from asyncrl.types import PROMPT_SCHEMA, table_from_rows
+
+log = logging.getLogger(__name__)
+
+PROMPTS, DROPPED, CONTROLLER_GROUP = "prompts", "dropped", "controller"
+POLL_S = 0.2
+
+
+def train(cfg: Config) -> Path:
+    """Run ``cfg.run.steps`` optimizer steps; returns the run folder."""
+    from asyncrl.models import resolve_model_path
+
+    model_path = str(resolve_model_path(cfg.model.path))
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with store_server(cfg, run_dir) as url, ray_session(cfg), RunWriter(run_dir) as writer:
+        _loop(cfg, model_path, url, writer)
+    plot_rewards(run_dir)
+    return run_dir
+
+
+def _loop(cfg: Config, model_path: str, url: str, writer: RunWriter) -> None:
+    import ray
+
+    from storage import TrajectoryStore, connect
+
+    store = TrajectoryStore(connect(url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+    store.ensure_group(DROPPED, CONTROLLER_GROUP)
+    scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
+    prompts = build_prompt_source(cfg.data)
+    trainer, rollouts = _launch_workers(cfg, model_path, url)
+    ray.get([w.start.remote() for w in rollouts])
+    with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
+        for step in range(cfg.run.steps):
+            tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
+            step_ref = trainer.train_step.remote(scheduler.version)
+            while not ray.wait([step_ref], timeout=POLL_S)[0]:
+                _issue_prompts(store, scheduler, prompts, len(rollouts))
+                scheduler.on_dropped(_read_dropped(store))
+                _check_health(rollouts)
+            result = ray.get(step_ref)
+            scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
+            sync_seconds = _sync_weights(trainer, rollouts, scheduler.version, cfg.sync.timeout_s)
+            step_seconds = time.monotonic() - tic
+            generated = (store.incr("rollout_tokens", 0)) - tokens_before
+            record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)
+            writer.log_samples(result["ledger"])
+            writer.log_step(record)
+            progress.advance(record)
+    ray.get([w.stop.remote() for w in rollouts], timeout=60)
+
+
+def _launch_workers(cfg: Config, model_path: str, url: str):
+    """One trainer and ``rollout.num_workers`` rollout actors, each with its own thread budget."""
+    import ray
+
+    from rollout.worker import RolloutWorker
+    from trainers.worker import TrainerWorker
+
+    def env(threads: int) -> dict:
+        return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
+
+    trainer = (
+        ray.remote(TrainerWorker)
+        .options(num_cpus=cfg.trainer.threads, runtime_env=env(cfg.trainer.threads), name="trainer-0")
+        .remote(cfg, model_path, url)
+    )
+    rollouts = [
+        ray.remote(RolloutWorker)
+        .options(num_cpus=cfg.rollout.threads, runtime_env=env(cfg.rollout.threads), max_concurrency=4)
+        .remote(cfg, model_path, url, f"rollout-{i}")
+        for i in range(cfg.rollout.num_workers)
+    ]
+    ray.get([trainer.ready.remote(), *[w.ready.remote() for w in rollouts]], timeout=cfg.run.step_timeout_s)
+    return trainer, rollouts
+
+
+def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> None:
+    """Push every admissible prompt, split into one entry per worker so pulls spread the load."""
+    count = scheduler.admissible()
+    if count == 0:
+        return
+    indices = scheduler.take(count)
+    chunk = -(-count // num_workers)
+    for start in range(0, count, chunk):
+        rows = []
+        for index in indices[start : start + chunk]:
+            prompt = prompts[index]
+            rows.append({"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer})
+        store.put(PROMPTS, table_from_rows(rows, PROMPT_SCHEMA), {"rows": len(rows)})
+
+
+def _read_dropped(store) -> list[int]:
+    """Prompt indices of groups the trainer dropped as stale since the last poll."""
+    entries = store.read(DROPPED, CONTROLLER_GROUP, "driver", count=100, block_ms=0)
+    if not entries:
+        return []
+    store.ack(DROPPED, CONTROLLER_GROUP, [e.id for e in entries])
+    return [int(e.table.column("prompt_id")[0].as_py().removeprefix("p")) for e in entries]
+
+
+def _check_health(rollouts) -> None:
+    import ray
+
+    for worker, error in zip(rollouts, ray.get([w.health.remote() for w in rollouts], timeout=30)):
+        if error is not None:
+            raise RuntimeError(f"rollout worker {worker} failed: {error}")
+
+
+def _sync_weights(trainer, rollouts, version: int, timeout_s: float) -> float:
+    """Move the trainer's new weights to every engine through the object store; returns seconds."""
+    import ray
+
+    tic = time.monotonic()
+    weights = trainer.weights.remote()
+    refs = [w.update_weights.remote(weights, version) for w in rollouts]
+    done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if waiting:
+        raise TimeoutError(f"weight sync to version {version} timed out after {timeout_s}s on {len(waiting)} engine(s)")
+    ray.get(done)
+    return time.monotonic() - tic
+
+
+def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_seconds, generated) -> dict:
+    rewards = [row["reward"] for row in result["ledger"]]
+    return {
+        "step": step + 1,
+        "policy_version": scheduler.version,
+        "reward_mean": sum(rewards) / len(rewards),
+        "staleness_max": max(result["staleness"]),
+        "staleness_mean": sum(result["staleness"]) / len(result["staleness"]),
+        "samples_trained": result["samples"],
+        "dropped_groups": scheduler.dropped,
+        "response_tokens_mean": result["tokens"] / result["samples"],
+        "rollout_tokens_per_s": generated / step_seconds,
+        "train_tokens_per_s": result["tokens"] / max(result["compute_seconds"], 1e-9),
+        "trainer_wait_seconds": result["wait_seconds"],
+        "sync_seconds": sync_seconds,
+        "step_seconds": step_seconds,
+        **{k: result[k] for k in ("loss", "clip_fraction", "grad_norm") if k in result},
+    }

@@ -1,0 +1,55 @@
+"""Prompt sources. A source is indexable by a cursor, so the same seed and cursor give the same prompt."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from asyncrl.config import DataConfig
+
+_OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prompt:
+    prompt_id: str
+    text: str
+    answer: str
+
+
+class ArithmeticPrompts:
+    """Seeded synthetic sums and differences; prompt ``i`` depends only on (seed, i)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.seed = cfg.seed
+        self.max_operand = cfg.max_operand
+
+    def __getitem__(self, index: int) -> Prompt:
+        rng = random.Random(f"{self.seed}:{index}")
+        a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
+        op = rng.choice(tuple(_OPERATORS))
+        if op == "-" and b > a:
+            a, b = b, a
+        return Prompt(
+            prompt_id=f"p{index}",
+            text=f"What is {a} {op} {b}? Reply with only the number.",
+            answer=str(_OPERATORS[op](a, b)),
+        )
+
+
+SOURCES = {"arithmetic": ArithmeticPrompts}
+
+
+def build_prompt_source(cfg: DataConfig) -> Any:
+    return SOURCES[cfg.kind](cfg)
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt, through the tokenizer's chat template when asked and available."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer.encode(text)]

@@ -1,0 +1,67 @@
+"""The processes a run stands on: the store server and a loopback-only Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from asyncrl.config import Config
+
+log = logging.getLogger(__name__)
+
+# Environment every worker process gets: vLLM in-process on CPU, no thread oversubscription.
+WORKER_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+@contextmanager
+def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
+    """Yield the store URL: the external ``store.url`` (checked reachable) or an embedded server."""
+    from storage import EmbeddedRedis, connect
+
+    if cfg.store.url:
+        connect(cfg.store.url, cfg.store.timeout_s).close()
+        yield cfg.store.url
+        return
+    server = EmbeddedRedis(server_bin=cfg.store.server_bin, dir=run_dir / "redis", appendonly=cfg.store.appendonly)
+    server.start(timeout_s=cfg.store.timeout_s)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def ray_session(cfg: Config) -> Iterator[None]:
+    """A local Ray bound to 127.0.0.1, no dashboard, a temp folder of its own."""
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    needed = cfg.rollout.num_workers * cfg.rollout.threads + cfg.trainer.threads
+    temp_dir = tempfile.mkdtemp(prefix="asyncrl-ray-")
+    ray.init(
+        num_cpus=max(cfg.run.num_cpus, needed),
+        object_store_memory=cfg.run.object_store_mb << 20,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        runtime_env={"env_vars": WORKER_ENV},
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,87 @@
+"""The staleness contract (DESIGN §5): one definition, enforced in two places.
+
+staleness(sample) = trainer version when the sample enters an optimizer step - version_start.
+
+1. Admission (here): a prompt group may be issued only while the groups issued and not yet
+   trained or dropped fit in ``max_staleness + 1`` global batches ahead of the trainer.
+2. Consumption (``is_stale``, called by the trainer): a group over the bound is dropped, or
+   its prompt is issued again, and counted.
+
+``max_staleness = 0`` is synchronous on-policy training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from asyncrl.config import SchedulerConfig
+
+
+def staleness(trainer_version: int, version_start: int) -> int:
+    return trainer_version - version_start
+
+
+def is_stale(trainer_version: int, version_start: int, max_staleness: int) -> bool:
+    return staleness(trainer_version, version_start) > max_staleness
+
+
+@dataclass
+class Scheduler:
+    """Admission control over prompt groups; the controller asks it how many groups to issue.
+
+    It consumes: the trainer's version after each step, and the groups the trainer trained or
+    dropped. It never issues a group that could only be trained past the staleness bound if
+    groups were trained in issue order; the trainer's consumption check makes the bound hard.
+    """
+
+    cfg: SchedulerConfig
+    prompts_per_step: int
+    version: int = 0
+    issued: int = 0
+    trained: int = 0
+    dropped: int = 0
+    next_prompt: int = 0
+    requeued: deque[int] = field(default_factory=deque)
+    staleness_counts: Counter = field(default_factory=Counter)
+
+    def admissible(self) -> int:
+        """Groups that may be issued now."""
+        window = (self.version + self.cfg.max_staleness + 1) * self.prompts_per_step
+        in_flight_or_done = self.issued - self.dropped
+        return max(0, window - in_flight_or_done)
+
+    def take(self, count: int) -> list[int]:
+        """Prompt indices to issue (re-issued prompts first); ``count`` must be admissible."""
+        assert count <= self.admissible(), "admission control violated"
+        picked = []
+        while len(picked) < count:
+            if self.requeued:
+                picked.append(self.requeued.popleft())
+            else:
+                picked.append(self.next_prompt)
+                self.next_prompt += 1
+        self.issued += count
+        return picked
+
+    def on_dropped(self, prompt_indices: list[int]) -> None:
+        """The trainer dropped these stale groups: free their admission slots, maybe issue them again."""
+        self.dropped += len(prompt_indices)
+        if self.cfg.on_stale == "regenerate":
+            self.requeued.extend(prompt_indices)
+
+    def on_step(self, trained_groups: int, staleness_values: list[int]) -> None:
+        """An optimizer step finished: the version moves on and admission opens by one batch."""
+        self.trained += trained_groups
+        self.version += 1
+        self.staleness_counts.update(staleness_values)
+
+    def state(self) -> dict:
+        return {
+            "version": self.version,
+            "issued": self.issued,
+            "trained": self.trained,
+            "dropped": self.dropped,
+            "next_prompt": self.next_prompt,
+            "requeued": list(self.requeued),
+        }

@@ -1,0 +1,42 @@
+"""The Arrow data contract between stages (DESIGN §3).
+
+Every stage moves record batches of these schemas through the store. A prompt row is one
+prompt to sample ``group_size`` responses for; a trajectory row is one sampled response.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PROMPT_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string()),
+        pa.field("prompt_ids", pa.list_(pa.int32())),
+        pa.field("prompt_text", pa.string()),
+        pa.field("answer", pa.string()),
+    ]
+)
+
+TRAJECTORY_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("group_id", pa.string()),
+        pa.field("prompt_ids", pa.list_(pa.int32())),
+        pa.field("response_ids", pa.list_(pa.int32())),
+        pa.field("behavior_logprobs", pa.list_(pa.float32())),
+        pa.field("token_versions", pa.list_(pa.int32())),
+        pa.field("version_start", pa.int32()),
+        pa.field("version_end", pa.int32()),
+        pa.field("reward", pa.float32()),
+        pa.field("reward_failed", pa.bool_()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("worker_id", pa.string()),
+        pa.field("gen_seconds", pa.float32()),
+    ]
+)
+
+
+def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table of ``schema`` from row dicts (columns missing from a row are an error)."""
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,160 @@
+"""RolloutWorker: one vLLM engine that turns prompt entries into scored trajectory groups.
+
+Runs as a threaded Ray actor: a generation loop owns the engine; ``update_weights`` arrives on
+another thread and lands between two engine steps (the engine's lock makes the switch atomic).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from asyncrl.config import Config
+from asyncrl.data import encode_prompt
+from asyncrl.rewards import load_reward_fn, score
+from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows
+
+log = logging.getLogger(__name__)
+
+PROMPTS, TRAJECTORIES, ROLLOUT_GROUP = "prompts", "trajectories", "rollout"
+
+
+@dataclass
+class _Group:
+    """The G samples of one prompt, filled as the engine finishes them."""
+
+    entry_id: str
+    prompt_id: str
+    prompt_text: str
+    answer: str
+    size: int
+    done: list = field(default_factory=list)
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, model_path: str, store_url: str, worker_id: str) -> None:
+        from transformers import AutoTokenizer
+
+        from rollout.engine import GenerationEngine
+        from storage import TrajectoryStore, connect
+
+        self.cfg, self.worker_id = cfg, worker_id
+        self.store = TrajectoryStore(connect(store_url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+        self.store.ensure_group(PROMPTS, ROLLOUT_GROUP)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.reward_fn = load_reward_fn(cfg.reward.fn)
+        self.engine = GenerationEngine(
+            model_path,
+            dtype=cfg.model.dtype,
+            max_model_len=cfg.rollout.max_model_len,
+            max_num_seqs=cfg.rollout.max_num_seqs,
+            kv_cache_mb=cfg.rollout.kv_cache_mb,
+            seed=cfg.run.seed,
+        )
+        self.groups: dict[str, _Group] = {}
+        self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet pushed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def ready(self) -> str:
+        return self.worker_id
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"rollout-{self.worker_id}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.engine.close()
+
+    def health(self) -> str | None:
+        """None while the loop is alive, else the error that ended it."""
+        return None if self.error is None else repr(self.error)
+
+    def update_weights(self, weights: dict, version: int) -> float:
+        """Load new weights between two engine steps; returns seconds spent."""
+        import torch
+
+        return self.engine.update_weights(((name, torch.from_numpy(array)) for name, array in weights.items()), version)
+
+    def _run(self) -> None:
+        """Consumes prompt entries; waits on the store (bounded block) when the engine is idle.
+
+        Unblocked by: the controller issuing prompts (admission) or the engine finishing a step.
+        """
+        try:
+            while not self._stop.is_set():
+                self._take_prompts()
+                if self.engine.num_unfinished():
+                    for seq in self.engine.step():
+                        self._finish(seq)
+        except BaseException as err:  # the fault boundary of this worker: reported via health()
+            log.exception("rollout worker %s stopped", self.worker_id)
+            self.error = err
+
+    def _take_prompts(self) -> None:
+        free_groups = self.cfg.rollout.max_num_seqs // self.cfg.rollout.group_size - len(self.groups)
+        if free_groups <= 0:
+            return
+        idle = self.engine.num_unfinished() == 0
+        entries = self.store.read(PROMPTS, ROLLOUT_GROUP, self.worker_id, count=1, block_ms=200 if idle else 0)
+        for entry in entries:
+            rows = entry.table.to_pylist()
+            self.entry_groups[entry.id] = len(rows)
+            for row in rows:
+                self._add_group(entry.id, row)
+
+    def _add_group(self, entry_id: str, row: dict) -> None:
+        rc = self.cfg.rollout
+        group_id = f"{row['prompt_id']}-{self.worker_id}-{time.monotonic_ns()}"
+        prompt_ids = encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data.chat_template)
+        self.groups[group_id] = _Group(entry_id, row["prompt_id"], row["prompt_text"], row["answer"], rc.group_size)
+        for j in range(rc.group_size):
+            self.engine.add_request(
+                f"{group_id}:{j}", prompt_ids, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p
+            )
+
+    def _finish(self, seq) -> None:
+        group_id = seq.request_id.rpartition(":")[0]
+        group = self.groups[group_id]
+        group.done.append(seq)
+        if len(group.done) == group.size:
+            del self.groups[group_id]
+            self._push(group_id, group)
+
+    def _push(self, group_id: str, group: _Group) -> None:
+        """Score a finished group and stream it to the store as one Arrow batch."""
+        rows = []
+        for seq in group.done:
+            text = self.tokenizer.decode(seq.response_ids, skip_special_tokens=True)
+            reward, failed = score(self.reward_fn, group.prompt_text, text, {"answer": group.answer})
+            rows.append(
+                {
+                    "sample_id": seq.request_id,
+                    "prompt_id": group.prompt_id,
+                    "group_id": group_id,
+                    "prompt_ids": seq.prompt_ids,
+                    "response_ids": seq.response_ids,
+                    "behavior_logprobs": seq.logprobs,
+                    "token_versions": seq.token_versions,
+                    "version_start": min(seq.token_versions, default=self.engine.version),
+                    "version_end": max(seq.token_versions, default=self.engine.version),
+                    "reward": reward,
+                    "reward_failed": failed,
+                    "finish_reason": seq.finish_reason,
+                    "worker_id": self.worker_id,
+                    "gen_seconds": seq.gen_seconds,
+                }
+            )
+        tokens = sum(len(r["response_ids"]) for r in rows)
+        self.store.put(TRAJECTORIES, table_from_rows(rows, TRAJECTORY_SCHEMA), {"rows": len(rows), "tokens": tokens})
+        self.store.incr("rollout_tokens", tokens)
+        self.entry_groups[group.entry_id] -= 1
+        if self.entry_groups[group.entry_id] == 0:
+            del self.entry_groups[group.entry_id]
+            self.store.ack(PROMPTS, ROLLOUT_GROUP, [group.entry_id])

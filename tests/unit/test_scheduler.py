@@ -1,0 +1,87 @@
+"""The staleness contract as a property: whatever order groups finish in, no trained group is
+over the bound, no group is trained twice, and every issued group is accounted for."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from asyncrl.config import SchedulerConfig
+from asyncrl.scheduler import Scheduler, is_stale, staleness
+
+
+def simulate(max_staleness: int, prompts_per_step: int, steps: int, seed: int, on_stale: str = "drop"):
+    """Rollouts start each issued group at the current version and finish groups in random order;
+    the trainer takes whole groups as they finish and drops those over the bound (the same rule
+    the TrainerWorker applies)."""
+    rng = random.Random(seed)
+    sched = Scheduler(SchedulerConfig(max_staleness=max_staleness, on_stale=on_stale), prompts_per_step)
+    running: list[tuple[int, int]] = []  # (group index, version_start)
+    finished: list[tuple[int, int]] = []
+    trained, dropped, issued = [], [], []
+    for _ in range(steps):
+        got = []
+        while len(got) < prompts_per_step:
+            for prompt in sched.take(sched.admissible()):
+                issued.append(prompt)
+                running.append((len(issued) - 1, sched.version))
+            rng.shuffle(running)
+            done = rng.randint(1, max(1, len(running)))
+            finished.extend(running[:done])
+            del running[:done]
+            while finished and len(got) < prompts_per_step:
+                group = finished.pop(rng.randrange(len(finished)))
+                if is_stale(sched.version, group[1], max_staleness):
+                    dropped.append(group)
+                    sched.on_dropped([issued[group[0]]])
+                else:
+                    got.append(group)
+        trained.extend((g, staleness(sched.version, start)) for g, start in got)
+        sched.on_step(len(got), [s for _, s in trained[-len(got):]])
+    return sched, trained, dropped, running + finished, issued
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    max_staleness=st.integers(0, 3),
+    prompts_per_step=st.integers(1, 6),
+    steps=st.integers(1, 8),
+    seed=st.integers(0, 10_000),
+    on_stale=st.sampled_from(["drop", "regenerate"]),
+)
+def test_bound_holds_and_nothing_is_lost_or_trained_twice(max_staleness, prompts_per_step, steps, seed, on_stale):
+    sched, trained, dropped, in_flight, issued = simulate(max_staleness, prompts_per_step, steps, seed, on_stale)
+    assert all(s <= max_staleness for _, s in trained)
+    groups = [g for g, _ in trained]
+    assert len(groups) == len(set(groups)) == steps * prompts_per_step
+    accounted = sorted(groups + [g for g, _ in dropped] + [g for g, _ in in_flight])
+    assert accounted == list(range(len(issued)))
+    assert sched.issued - sched.dropped - sched.trained <= (max_staleness + 1) * prompts_per_step
+
+
+def test_synchronous_when_bound_is_zero():
+    sched, trained, dropped, _, issued = simulate(0, 4, 5, seed=1)
+    assert not dropped and len(issued) == 20
+    assert all(s == 0 for _, s in trained)
+
+
+def test_admission_window():
+    sched = Scheduler(SchedulerConfig(max_staleness=2), prompts_per_step=3)
+    assert sched.admissible() == 9
+    sched.take(9)
+    assert sched.admissible() == 0
+    sched.on_step(3, [0, 0, 0])
+    assert sched.admissible() == 3
+    sched.on_dropped([4])
+    assert sched.admissible() == 4
+
+
+def test_regenerate_reissues_the_dropped_prompt_first():
+    sched = Scheduler(SchedulerConfig(max_staleness=0, on_stale="regenerate"), prompts_per_step=2)
+    assert sched.take(2) == [0, 1]
+    sched.on_dropped([1])
+    assert sched.take(1) == [1]
+    drop = Scheduler(SchedulerConfig(max_staleness=0, on_stale="drop"), prompts_per_step=2)
+    drop.take(2)
+    drop.on_dropped([1])
+    assert drop.take(1) == [2]
