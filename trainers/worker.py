@@ -49,7 +49,7 @@ class TrainerWorker:
 
     def weights(self) -> dict:
         """Full weights as numpy arrays (they travel through Ray's shared-memory object store)."""
-        return {name: tensor.numpy() for name, tensor in self.policy.named_weights()}
+        return {name: tensor.float().numpy() for name, tensor in self.policy.named_weights()}
 
     def train_step(self, version: int) -> dict:
         """Consumes scored groups; waits on the store with bounded blocks until the global batch is full.

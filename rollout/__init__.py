@@ -1,0 +1,1 @@
+"""Rollout workers: the vLLM generation engine and the RolloutWorker actor."""

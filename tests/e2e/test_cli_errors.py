@@ -1,0 +1,45 @@
+"""Bad input gives one clear error line and a non-zero exit, fast, never a traceback wall."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def run_cli(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProcess, float]:
+    tic = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    return proc, time.monotonic() - tic
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["train", "configs/tiny.yaml", "rollout.gruop_size=2"], "did you mean 'rollout.group_size'"),
+        (["train", "configs/tiny.yaml", "trainer.lr=fast"], "trainer.lr"),
+        (["train", "configs/tiny.yaml", "model.path=no/such/folder"], "no/such/folder"),
+        (["train", "configs/tiny.yaml", "model.path=configs"], "config.json"),
+        (["train", "configs/tiny.yaml", "store.url=redis://127.0.0.1:9", "store.timeout_s=2"], "127.0.0.1:9"),
+        (["config", "show", "configs/missing.yaml"], "configs/missing.yaml"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, fragment):
+    proc, seconds = run_cli(*args)
+    assert proc.returncode != 0
+    assert seconds < 10
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("asyncrl: error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_and_config_show_are_fast():
+    proc, seconds = run_cli("--help")
+    assert proc.returncode == 0 and "asyncrl train" in proc.stdout and seconds < 2.5
+    proc, seconds = run_cli("config", "show", "configs/tiny.yaml", "run.steps=9")
+    assert proc.returncode == 0 and "steps: 9" in proc.stdout and seconds < 2.5

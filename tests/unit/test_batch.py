@@ -1,0 +1,124 @@
+"""collate: trajectory rows to padded, aligned training tensors."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from asyncrl.algorithms import grpo_advantages
+from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows
+from trainers.batch import collate, with_advantages
+
+PAD = 99
+
+
+def _row(sample_id: str, group_id: str, prompt: list[int], response: list[int], reward: float, failed: bool = False):
+    return {
+        "sample_id": sample_id,
+        "prompt_id": group_id,
+        "group_id": group_id,
+        "prompt_ids": prompt,
+        "response_ids": response,
+        "behavior_logprobs": [-0.5 - i for i in range(len(response))],
+        "token_versions": [0] * len(response),
+        "version_start": 0,
+        "version_end": 0,
+        "reward": reward,
+        "reward_failed": failed,
+        "finish_reason": "stop",
+        "worker_id": "w0",
+        "gen_seconds": 0.1,
+    }
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return table_from_rows(rows, TRAJECTORY_SCHEMA)
+
+
+def test_collate_pads_right_and_aligns_response_positions() -> None:
+    table = _table(
+        [
+            _row("a0", "a", [1, 2, 3], [4, 5], reward=1.0),
+            _row("a1", "a", [1, 2, 3], [6], reward=0.0),
+            _row("b0", "b", [7], [8, 9, 10, 11], reward=2.0),
+            _row("b1", "b", [7], [12], reward=0.0),
+        ]
+    )
+
+    batch = collate(table, pad_id=PAD)
+
+    assert set(batch) == {"input_ids", "attention_mask", "response_mask", "behavior_logprobs", "advantages"}
+    assert batch["input_ids"].shape == (4, 5) and batch["input_ids"].dtype == torch.int64
+    assert batch["input_ids"].tolist() == [
+        [1, 2, 3, 4, 5],
+        [1, 2, 3, 6, PAD],
+        [7, 8, 9, 10, 11],
+        [7, 12, PAD, PAD, PAD],
+    ]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 0, 1, 0], [0, 1, 1, 1, 1], [0, 1, 0, 0, 0]]
+    # behaviour log-prob i of a response sits at the position of response token i
+    assert batch["behavior_logprobs"][0].tolist() == [0, 0, 0, -0.5, -1.5]
+    assert batch["behavior_logprobs"][2].tolist() == [0, -0.5, -1.5, -2.5, -3.5]
+    assert batch["behavior_logprobs"][3].tolist() == [0, -0.5, 0, 0, 0]
+    assert torch.equal(batch["behavior_logprobs"] != 0, batch["response_mask"].bool())
+    assert batch["advantages"].shape == (4,)
+    expected = grpo_advantages(torch.tensor([1.0, 0.0, 2.0, 0.0]), torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(batch["advantages"], expected)
+
+
+def test_collate_excludes_failed_rewards_from_their_group() -> None:
+    table = _table(
+        [
+            _row("a0", "a", [1], [2], reward=1.0),
+            _row("a1", "a", [1], [3], reward=0.0),
+            _row("a2", "a", [1], [4], reward=1000.0, failed=True),  # must not shift the group's mean
+            _row("a3", "a", [1], [5], reward=0.5),
+            _row("b0", "b", [1], [6], reward=0.0, failed=True),
+            _row("b1", "b", [1], [7], reward=3.0),  # the only valid row of its group: no signal
+        ]
+    )
+
+    advantages = collate(table, pad_id=PAD)["advantages"]
+
+    expected = grpo_advantages(torch.tensor([1.0, 0.0, 0.5]), torch.zeros(3, dtype=torch.int64))
+    assert torch.allclose(advantages[[0, 1, 3]], expected)
+    assert advantages[2].item() == 0.0
+    assert advantages[4:].tolist() == [0.0, 0.0]
+
+
+def test_collate_treats_a_null_reward_as_failed() -> None:
+    rows = [
+        _row("a0", "a", [1], [2], reward=1.0),
+        _row("a1", "a", [1], [3], reward=0.0),
+        _row("a2", "a", [1], [4], 0.0),
+    ]
+    rows[2]["reward"] = None
+    advantages = collate(_table(rows), pad_id=PAD)["advantages"]
+    assert advantages[2].item() == 0.0
+    assert advantages[0] > 0 > advantages[1]
+
+
+def test_collate_rejects_logprobs_that_do_not_match_the_response() -> None:
+    row = _row("a0", "a", [1], [2, 3], reward=1.0)
+    row["behavior_logprobs"] = [-0.1]
+    with pytest.raises(ValueError, match="'a0': 1 behavior_logprobs for 2 response tokens"):
+        collate(_table([row]), pad_id=PAD)
+
+
+def test_with_advantages_keeps_group_statistics_when_a_group_is_split_across_micro_batches() -> None:
+    rows = [_row(f"a{i}", "a", [1], [2 + i], reward=float(i)) for i in range(4)]
+    rows.append(_row("a4", "a", [1], [9], reward=7.0, failed=True))
+    whole = collate(_table(rows), pad_id=PAD)["advantages"]
+
+    scored = with_advantages(_table(rows))
+    split = [collate(scored.slice(0, 2), pad_id=PAD), collate(scored.slice(2), pad_id=PAD)]
+
+    assert scored.schema.field("advantages").type == pa.float32()
+    assert torch.allclose(torch.cat([batch["advantages"] for batch in split]), whole)
+    assert whole[4].item() == 0.0
+    # collate alone on half a group would standardise within the half instead
+    assert not torch.allclose(collate(_table(rows[:2]), pad_id=PAD)["advantages"], whole[:2])
+    # a second with_advantages replaces the column rather than adding another
+    assert with_advantages(scored).column_names.count("advantages") == 1

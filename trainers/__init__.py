@@ -1,0 +1,1 @@
+"""Trainer workers: DeepSpeed policy, batch collation, the TrainerWorker actor."""

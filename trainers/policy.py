@@ -1,0 +1,211 @@
+"""The policy trainer: a DeepSpeed engine around a transformers causal LM, trained with PPO-clip.
+
+One ``PolicyTrainer`` per trainer rank. The caller streams micro-batches (``trainers.batch.collate``
+output) into ``forward_backward`` and calls ``optimizer_step`` after ``grad_accum_steps`` of them;
+``named_weights`` hands the updated weights to the weight sync.
+
+On CPU the engine runs on gloo. The first ``deepspeed.initialize`` of a machine compiles
+DeepSpeed's shared-memory collective op (``deepspeed_shm_comm``: ~40 s idle, ~100 s on two busy cores) into
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later starts load the cached op in well under a second.
+DeepSpeed 0.19.8 builds that op whenever it creates its communication backend, whatever the
+world size and with no config switch, so the only clean way to keep starts fast is a
+persistent ``TORCH_EXTENSIONS_DIR`` (CI: cache that folder).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from asyncrl.algorithms import ppo_clip_loss, sequence_logprobs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where this rank computes and which collective backend its process group uses."""
+
+    device: torch.device
+    dist_backend: str
+
+
+def _cuda_placement(local_rank: int) -> Placement:
+    torch.cuda.set_device(local_rank)
+    return Placement(torch.device("cuda", local_rank), "nccl")
+
+
+def _cpu_placement(local_rank: int) -> Placement:
+    return Placement(torch.device("cpu"), "gloo")
+
+
+def select_placement(local_rank: int) -> Placement:
+    """CUDA with NCCL when a GPU is visible, else CPU with gloo (the only CUDA-specific branch)."""
+    return _cuda_placement(local_rank) if torch.cuda.is_available() else _cpu_placement(local_rank)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(backend: str) -> None:
+    """Join the default process group, or create a one-process group when nobody launched us.
+
+    A launcher (Ray, torchrun, deepspeed) sets RANK/WORLD_SIZE/MASTER_* for multi-rank runs;
+    those values are kept. Without them this becomes rank 0 of 1 on a free loopback port.
+    """
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # With a process group already in place DeepSpeed only wraps it.
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+class PolicyTrainer:
+    """PPO-clip training of a causal LM in a DeepSpeed engine (ZeRO 0/1/2, fp32 or bf16)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
+        zero_stage: int = 1,
+        micro_batch_size: int = 8,
+        grad_accum_steps: int = 1,
+        temperature: float = 1.0,
+        clip_eps: float = 0.2,
+        seed: int = 0,
+    ) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2 (ZeRO-3 would need gathered weights), got {zero_stage}")
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        self.temperature = temperature
+        self.clip_eps = clip_eps
+        self.grad_accum_steps = grad_accum_steps
+        self.zero_stage = zero_stage
+        self.dtype = DTYPES[dtype]
+
+        placement = select_placement(int(os.environ.get("LOCAL_RANK", "0")))
+        init_distributed(placement.dist_backend)
+        torch.manual_seed(seed)
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        world_size = torch.distributed.get_world_size()
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": grad_accum_steps,
+            "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            # A plain torch AdamW: DeepSpeed's fused/CPU Adam would be another C++ build on CPU.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.device = self.engine.device
+        self._micro_batches = 0  # forward_backward calls since the last optimizer step
+
+    def _forward_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        input_ids = batch["input_ids"].to(self.device)
+        output = self.engine(
+            input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False
+        )
+        return sequence_logprobs(output.logits, input_ids, batch["response_mask"].to(self.device), self.temperature)
+
+    def forward_backward(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """PPO-clip loss of one micro-batch and its backward; gradients accumulate until ``optimizer_step``."""
+        if self._micro_batches == self.grad_accum_steps:
+            raise RuntimeError(f"{self.grad_accum_steps} micro-batches are accumulated: call optimizer_step() first")
+        self.engine.train()
+        logprobs = self._forward_logprobs(batch)
+        loss, metrics = ppo_clip_loss(
+            logprobs,
+            batch["behavior_logprobs"].to(self.device),
+            batch["advantages"].to(self.device),
+            batch["response_mask"].to(self.device),
+            self.clip_eps,
+        )
+        # engine.backward divides the loss by gradient_accumulation_steps, so the accumulated
+        # gradient is the mean over the global batch's micro-batches of each micro-batch's
+        # token-mean loss. That is why optimizer_step insists on exactly grad_accum_steps of them.
+        self.engine.backward(loss)
+        self._micro_batches += 1
+        if self._micro_batches < self.grad_accum_steps:
+            # Before the boundary engine.step() only advances DeepSpeed's micro-step counter, which
+            # decides when backward reduces gradients and when step() updates.
+            self.engine.step()
+        return {"loss": float(loss.detach()), **metrics, "tokens": float(batch["response_mask"].sum())}
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Apply the accumulated global batch: clip, AdamW update, zero the gradients."""
+        if self._micro_batches != self.grad_accum_steps:
+            raise RuntimeError(
+                f"optimizer_step after {self._micro_batches} micro-batches; the global batch is {self.grad_accum_steps}"
+            )
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                "DeepSpeed is not at a gradient accumulation boundary; was engine.step() called elsewhere?"
+            )
+        # ZeRO and bf16 report the pre-clip global norm; the plain fp32 path (stage 0) does not.
+        own_norm = self._grad_norm() if self.zero_stage == 0 and self.dtype == torch.float32 else None
+        self.engine.step()
+        self._micro_batches = 0
+        grad_norm = self.engine.get_global_grad_norm() if own_norm is None else own_norm
+        return {
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": float(self.engine.get_lr()[0]),
+        }
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-token log-probs ``[B, L]`` (CPU, float32) of the response tokens, 0 elsewhere; no grad."""
+        self.engine.eval()
+        try:
+            return self._forward_logprobs(batch).cpu()
+        finally:
+            self.engine.train()
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """Every weight under its Hugging Face checkpoint name, as a detached CPU copy.
+
+        Names follow the model's ``state_dict``; an alias of a tensor already yielded (a tied
+        ``lm_head.weight``) is skipped, as ``save_pretrained`` skips it, so the stream matches a
+        saved checkpoint. Copies, also on CPU, so a consumer never sees a later step's update.
+        ZeRO 1/2 partition optimizer state and gradients only: the module holds full weights.
+        """
+        seen: set[int] = set()
+        for name, tensor in self.engine.module.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            yield name, tensor.detach().to("cpu", copy=True)
+
+    def state_dict_for_save(self) -> dict[str, Tensor]:
+        """The ``named_weights`` as a dict, ready for ``safetensors.torch.save_file``."""
+        return dict(self.named_weights())
