@@ -1,0 +1,261 @@
+"""An in-process vLLM engine driven step by step by one owner.
+
+The owner (a rollout worker's generation loop) calls ``add_request`` and ``step``; another thread
+may call ``update_weights`` at any time. One lock guards every call into vLLM, so a weight update
+lands between two engine steps, never inside one, and every sampled token is tagged with the
+policy version that was live during the step that sampled it (``token_versions``).
+
+Behaviour log-probs are those of the distribution actually sampled from: the engine runs with
+``logprobs_mode="processed_logprobs"``, so at temperature T (top_p 1) each log-prob equals
+``log_softmax(logits / T)`` of the sampled token.
+
+vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): weight tensors are
+handed to the worker by reference, without serialization.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# How long a step waits for a pending weight update before declaring the engine stuck.
+UPDATE_WAIT_TIMEOUT_S = 600.0
+
+
+@dataclass
+class FinishedSequence:
+    """One sampled response, as it left the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # the engine's log-prob of each sampled token (behaviour log-probs)
+    token_versions: list[int]  # the engine's weight version when each token was sampled
+    finish_reason: str  # "stop" | "length" | "abort"
+    gen_seconds: float
+
+
+@dataclass(slots=True)
+class _RunningSequence:
+    prompt_ids: list[int]
+    started_at: float
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    token_versions: list[int] = field(default_factory=list)
+
+    def finish(self, request_id: str, finish_reason: str) -> FinishedSequence:
+        return FinishedSequence(
+            request_id=request_id,
+            prompt_ids=self.prompt_ids,
+            response_ids=self.response_ids,
+            logprobs=self.logprobs,
+            token_versions=self.token_versions,
+            finish_reason=finish_reason,
+            gen_seconds=time.perf_counter() - self.started_at,
+        )
+
+
+class GenerationEngine:
+    """A vLLM ``LLMEngine`` in this process, with atomic weight updates and per-token versions.
+
+    Thread safety: every public method takes ``self._lock``. ``update_weights`` additionally raises a
+    gate that makes ``step`` wait, so a tight generation loop cannot starve a pending update (a
+    plain ``threading.Lock`` is not fair: the stepping thread re-acquires it before the waiter wakes).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        max_num_seqs: int = 64,
+        kv_cache_mb: int = 256,
+        seed: int = 0,
+        version: int = 0,
+        recompute_kv_on_update: bool = True,
+        enforce_eager: bool = True,
+    ):
+        """Start the engine on ``model_path`` (a Hugging Face folder).
+
+        ``recompute_kv_on_update``: after a weight update, drop the KV cache of running requests so
+        they are re-prefilled (prompt + tokens so far) with the new weights; every later token is
+        then exactly a sample of the new policy. Without it, running requests keep attending to
+        keys/values computed by the old weights, and the prefix cache is disabled because it
+        could not be invalidated while requests hold blocks.
+        ``enforce_eager``: run without torch.compile (the CPU default is inductor, slow to start).
+        """
+        # Must be set before vLLM reads its environment: the engine core must live in this process
+        # so the lock below really brackets engine steps and tensors pass by reference.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        started = time.perf_counter()
+        self.version = version
+        self._recompute_kv_on_update = recompute_kv_on_update
+        self._lock = threading.Lock()
+        self._no_update_pending = threading.Condition(threading.Lock())
+        self._pending_updates = 0
+        self._running: dict[str, _RunningSequence] = {}
+        self._aborted: list[FinishedSequence] = []
+        args = EngineArgs(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            kv_cache_memory_bytes=kv_cache_mb << 20,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=recompute_kv_on_update,
+            enforce_eager=enforce_eager,
+            disable_log_stats=True,
+        )
+        self._engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+        self._engine.set_weight_version(str(version))
+        self.init_seconds = time.perf_counter() - started
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> None:
+        """Queue one sample of ``prompt_ids``; its tokens arrive through ``step``."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if request_id in self._running:
+            raise ValueError(f"request {request_id!r} is already running")
+        params = SamplingParams(
+            n=1,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            logprobs=0,  # just the sampled token's log-prob
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+        )
+        with self._lock:
+            self._engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, params)
+            self._running[request_id] = _RunningSequence(prompt_ids=list(prompt_ids), started_at=time.perf_counter())
+
+    def step(self) -> list[FinishedSequence]:
+        """Run one engine step; return the sequences that finished in it (and any aborted since).
+
+        Waits while a weight update is pending, then holds the lock for the whole step, so all
+        tokens sampled in this step carry the same version.
+        """
+        with self._no_update_pending:
+            if not self._no_update_pending.wait_for(lambda: self._pending_updates == 0, UPDATE_WAIT_TIMEOUT_S):
+                raise TimeoutError(f"a weight update has been pending for over {UPDATE_WAIT_TIMEOUT_S} s")
+        with self._lock:
+            finished, self._aborted = self._aborted, []
+            if not self._engine.has_unfinished_requests():
+                return finished
+            version = self.version
+            for output in self._engine.step():
+                sequence = self._running.get(output.request_id)
+                if sequence is None:  # aborted by us after the engine produced it
+                    continue
+                completion = output.outputs[0]
+                new_ids = list(completion.token_ids)
+                sequence.response_ids.extend(new_ids)
+                sequence.token_versions.extend([version] * len(new_ids))
+                for token_id, position in zip(new_ids, completion.logprobs, strict=True):
+                    sequence.logprobs.append(position[token_id].logprob)
+                if output.finished:
+                    del self._running[output.request_id]
+                    finished.append(sequence.finish(output.request_id, completion.finish_reason or "abort"))
+            return finished
+
+    def num_unfinished(self) -> int:
+        """Requests still generating plus aborted ones that the next ``step`` will hand back."""
+        with self._lock:
+            return len(self._running) + len(self._aborted)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these requests; their partial responses come back from the next ``step``
+        with ``finish_reason="abort"``. Unknown or already finished ids are ignored."""
+        with self._lock:
+            known = [request_id for request_id in request_ids if request_id in self._running]
+            self._engine.abort_request(known)
+            self._aborted.extend(self._running.pop(request_id).finish(request_id, "abort") for request_id in known)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
+        """Load Hugging Face-named tensors into the live engine between two steps; return seconds.
+
+        ``named_tensors`` is the full parameter set as ``model.named_parameters()`` of the
+        transformers model yields it (a tied ``lm_head.weight`` may be present or not: vLLM's
+        loader skips it). Running requests continue; their later tokens carry ``version``.
+        Generation pauses while the iterable is consumed: pass received tensors, not a lazy
+        network read, to keep the pause to the reload itself.
+        """
+        with self._no_update_pending:
+            self._pending_updates += 1
+        try:
+            with self._lock:
+                started = time.perf_counter()
+                self._engine.collective_rpc(_reload_weights_on_worker, args=(named_tensors,))
+                # Cached KV was computed by the old weights. With recompute, running requests are
+                # preempted and re-prefilled by the new weights; either way the prefix cache empties.
+                reset = self._engine.reset_prefix_cache(reset_running_requests=self._recompute_kv_on_update)
+                if self._recompute_kv_on_update and not reset:
+                    raise RuntimeError("vLLM could not reset its KV cache after a weight update")
+                self.version = version
+                self._engine.set_weight_version(str(version))
+                return time.perf_counter() - started
+        finally:
+            with self._no_update_pending:
+                self._pending_updates -= 1
+                self._no_update_pending.notify_all()
+
+    def close(self) -> None:
+        """Abort everything and release the engine (its memory goes when the last reference does)."""
+        with self._lock:
+            if self._running:
+                self._engine.abort_request(list(self._running))
+            self._running.clear()
+            self._aborted.clear()
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                engine.engine_core.shutdown()
+                del engine
+
+
+def _reload_weights_on_worker(worker: Any, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside the vLLM worker (this process): reload checkpoint-format weights in place."""
+    from vllm.platforms import current_platform
+
+    worker.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+    if current_platform.is_cpu():
+        _refresh_cpu_embedding_gemm(worker.model_runner.get_model())
+
+
+def _refresh_cpu_embedding_gemm(model: Any) -> None:
+    """CPU-only fix: rebuild the matmul handle of embeddings and (tied or not) LM heads.
+
+    vLLM's CPU backend gives each vocab embedding a GEMM handle (oneDNN or a packed copy) for the
+    LM-head matmul. A layerwise reload builds that handle on a temporary tensor, then copies the
+    values back into the original parameter, so the handle no longer sees the live weights and
+    logits silently go wrong (~0.13 log-prob error). Re-dispatching on the live parameter fixes it.
+    A CUDA engine has no such handle and skips this.
+    """
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear"):
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
