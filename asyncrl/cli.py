@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
         if args.quiet:
             cfg.run.progress = False
         from asyncrl.controller import train

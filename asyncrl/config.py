@@ -150,7 +150,7 @@ class SyncConfig:
 
 @dataclass(kw_only=True)
 class StoreConfig:
-    url: Optional[str] = None
+    url: Optional[str] = None  # noqa: UP045 - OmegaConf reads the annotation
     """redis:// or rediss:// URL of an external server; empty starts an embedded redis-server on 127.0.0.1."""
     server_bin: str = "redis-server"
     """The redis-server (or valkey-server) executable for the embedded server."""
@@ -189,7 +189,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")
-        _require(self.name.replace("-", "").replace("_", "").isalnum(), f"run.name must be [A-Za-z0-9_-]+, got {self.name!r}")
+        _require(
+            self.name.replace("-", "").replace("_", "").isalnum(), f"run.name must be [A-Za-z0-9_-]+, got {self.name!r}"
+        )
         _require(self.num_cpus >= 1, f"run.num_cpus must be >= 1, got {self.num_cpus}")
 
 
@@ -237,7 +239,9 @@ def _friendly(err: OmegaConfBaseException) -> ConfigError:
         parent = key.rpartition(".")[0]
         siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return ConfigError(f"unknown config key '{key}'{hint} (allowed under '{parent or '<top>'}': {', '.join(siblings)})")
+        return ConfigError(
+            f"unknown config key '{key}'{hint} (allowed under '{parent or '<top>'}': {', '.join(siblings)})"
+        )
     if isinstance(err, ValidationError):
         msg = str(err).splitlines()[0]
         return ConfigError(f"bad value for config key '{key}': {msg}")

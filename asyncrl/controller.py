@@ -106,7 +106,9 @@ def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> No
         rows = []
         for index in indices[start : start + chunk]:
             prompt = prompts[index]
-            rows.append({"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer})
+            rows.append(
+                {"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer}
+            )
         store.put(PROMPTS, table_from_rows(rows, PROMPT_SCHEMA), {"rows": len(rows)})
 
 
@@ -122,7 +124,7 @@ def _read_dropped(store) -> list[int]:
 def _check_health(rollouts) -> None:
     import ray
 
-    for worker, error in zip(rollouts, ray.get([w.health.remote() for w in rollouts], timeout=30)):
+    for worker, error in zip(rollouts, ray.get([w.health.remote() for w in rollouts], timeout=30), strict=True):
         if error is not None:
             raise RuntimeError(f"rollout worker {worker} failed: {error}")
 

@@ -48,7 +48,9 @@ def build_prompt_source(cfg: DataConfig) -> Any:
 def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
     """Token ids of a prompt, through the tokenizer's chat template when asked and available."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]

@@ -25,6 +25,12 @@ def step_progress(total: int, enabled: bool = True) -> Iterator[_StepBar]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    columns = (
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns) as progress:
         yield _StepBar(progress, progress.add_task("train", total=total, info="waiting for the first batch"))

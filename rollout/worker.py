@@ -116,7 +116,11 @@ class RolloutWorker:
         self.groups[group_id] = _Group(entry_id, row["prompt_id"], row["prompt_text"], row["answer"], rc.group_size)
         for j in range(rc.group_size):
             self.engine.add_request(
-                f"{group_id}:{j}", prompt_ids, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p
+                f"{group_id}:{j}",
+                prompt_ids,
+                max_new_tokens=rc.max_new_tokens,
+                temperature=rc.temperature,
+                top_p=rc.top_p,
             )
 
     def _finish(self, seq) -> None:

@@ -63,7 +63,10 @@ def init_distributed(backend: str) -> None:
     """
     import deepspeed
 
-    if not torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():
+        # A group made by someone else (e.g. an in-process vLLM engine): DeepSpeed still reads LOCAL_RANK.
+        os.environ.setdefault("LOCAL_RANK", "0")
+    else:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -37,7 +37,7 @@ def simulate(max_staleness: int, prompts_per_step: int, steps: int, seed: int, o
                 else:
                     got.append(group)
         trained.extend((g, staleness(sched.version, start)) for g, start in got)
-        sched.on_step(len(got), [s for _, s in trained[-len(got):]])
+        sched.on_step(len(got), [s for _, s in trained[-len(got) :]])
     return sched, trained, dropped, running + finished, issued
 
 
