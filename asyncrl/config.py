@@ -52,6 +52,8 @@ class DataConfig:
     """Largest operand in a synthetic problem."""
     chat_template: bool = True
     """Wrap each prompt in the tokenizer's chat template."""
+    system_prompt: str = ""
+    """System message for the chat template; empty keeps the template's default."""
 
     def __post_init__(self) -> None:
         _one_of("data.kind", self.kind, ("arithmetic",))

@@ -45,13 +45,12 @@ def build_prompt_source(cfg: DataConfig) -> Any:
     return SOURCES[cfg.kind](cfg)
 
 
-def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+def encode_prompt(tokenizer: Any, text: str, cfg: DataConfig) -> list[int]:
     """Token ids of a prompt, through the tokenizer's chat template when asked and available."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
-    return [int(i) for i in tokenizer.encode(text)]
+    if cfg.chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": text}]
+        if cfg.system_prompt:
+            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return [int(i) for i in tokenizer(text)["input_ids"]]

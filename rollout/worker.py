@@ -112,7 +112,7 @@ class RolloutWorker:
     def _add_group(self, entry_id: str, row: dict) -> None:
         rc = self.cfg.rollout
         group_id = f"{row['prompt_id']}-{self.worker_id}-{time.monotonic_ns()}"
-        prompt_ids = encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data.chat_template)
+        prompt_ids = encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data)
         self.groups[group_id] = _Group(entry_id, row["prompt_id"], row["prompt_text"], row["answer"], rc.group_size)
         for j in range(rc.group_size):
             self.engine.add_request(

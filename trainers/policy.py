@@ -132,10 +132,19 @@ class PolicyTrainer:
 
     def _forward_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         input_ids = batch["input_ids"].to(self.device)
+        response_mask = batch["response_mask"].to(self.device)
+        # Only positions from the token before the earliest response token need logits: skipping
+        # the vocabulary projection and softmax over the rest of the prompts saves a good share.
+        length = input_ids.shape[1]
+        keep = min(length, length - int(response_mask.argmax(dim=1).min()) + 1)
         output = self.engine(
-            input_ids=input_ids, attention_mask=batch["attention_mask"].to(self.device), use_cache=False
+            input_ids=input_ids,
+            attention_mask=batch["attention_mask"].to(self.device),
+            use_cache=False,
+            logits_to_keep=keep,
         )
-        return sequence_logprobs(output.logits, input_ids, batch["response_mask"].to(self.device), self.temperature)
+        window = sequence_logprobs(output.logits, input_ids[:, -keep:], response_mask[:, -keep:], self.temperature)
+        return torch.nn.functional.pad(window, (length - keep, 0))
 
     def forward_backward(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """PPO-clip loss of one micro-batch and its backward; gradients accumulate until ``optimizer_step``."""
