@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from asyncrl.config import ConfigError, load_config, to_yaml
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.run.progress = False
         from asyncrl.controller import train
 
+        # SIGTERM unwinds like Ctrl-C, so the store server and Ray are stopped on the way out.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         run_dir = train(cfg)
     except (ConfigError, ModelError, StoreError) as err:
         print(f"asyncrl: error: {err}", file=sys.stderr)

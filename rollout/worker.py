@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from asyncrl.config import Config
@@ -80,7 +81,12 @@ class RolloutWorker:
         """Load new weights between two engine steps; returns seconds spent."""
         import torch
 
-        return self.engine.update_weights(((name, torch.from_numpy(array)) for name, array in weights.items()), version)
+        # The arrays are read-only views of Ray's shared memory; the engine copies them into its
+        # parameters and never writes through them, so the tensors need no private copy.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = [(name, torch.from_numpy(array)) for name, array in weights.items()]
+        return self.engine.update_weights(tensors, version)
 
     def _run(self) -> None:
         """Consumes prompt entries; waits on the store (bounded block) when the engine is idle.

@@ -63,7 +63,7 @@ class TrainerWorker:
         needed, micro = cfg.samples_per_step, cfg.trainer.micro_batch_size
         pending: list[pa.Table] = []
         entry_ids, ledger, stats = [], [], []
-        trained = tokens = 0
+        trained = 0
         compute_seconds = 0.0
         while trained < needed:
             if time.monotonic() > deadline:
@@ -84,16 +84,16 @@ class TrainerWorker:
                 stats.append(self.policy.forward_backward(collate(batch_table, self.pad_id)))
                 compute_seconds += time.monotonic() - tic
                 trained += batch_table.num_rows
-                tokens += sum(len(ids) for ids in batch_table.column("response_ids").to_pylist())
         tic = time.monotonic()
         step_stats = self.policy.optimizer_step()
         compute_seconds += time.monotonic() - tic
         self.store.ack(TRAJECTORIES, TRAINER_GROUP, entry_ids)
+        tokens = sum(micro.pop("tokens") for micro in stats)  # the rest are per-micro-batch means
         return {
             "ledger": ledger,
             "staleness": [staleness(version, row["version_start"]) for row in ledger],
             "samples": trained,
-            "tokens": tokens,
+            "tokens": int(tokens),
             "compute_seconds": compute_seconds,
             "wait_seconds": time.monotonic() - started - compute_seconds,
             **step_stats,

@@ -39,3 +39,6 @@ def test_three_steps_with_staleness_one(tmp_path):
     assert (run_dir / "reward.png").stat().st_size > 0
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").iterdir())
+    # The embedded redis-server (its log lines start with its pid) was stopped with the run.
+    server_pid = int((run_dir / "redis" / "redis.log").read_text().split(":", 1)[0])
+    assert not Path(f"/proc/{server_pid}").exists()
