@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from asyncrl.config import Config, to_yaml
-from asyncrl.data import build_prompt_source
+from asyncrl.data import build_prompt_source, prompt_index
 from asyncrl.metrics import RunWriter, plot_rewards
 from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
@@ -118,7 +118,7 @@ def _read_dropped(store) -> list[int]:
     if not entries:
         return []
     store.ack(DROPPED, CONTROLLER_GROUP, [e.id for e in entries])
-    return [int(e.table.column("prompt_id")[0].as_py().removeprefix("p")) for e in entries]
+    return [prompt_index(e.table.column("prompt_id")[0].as_py()) for e in entries]
 
 
 def _check_health(rollouts) -> None:

@@ -18,6 +18,15 @@ class Prompt:
     answer: str
 
 
+def prompt_id(index: int) -> str:
+    """The id of the prompt at cursor ``index``; ``prompt_index`` inverts it."""
+    return f"p{index}"
+
+
+def prompt_index(prompt_id: str) -> int:
+    return int(prompt_id.removeprefix("p"))
+
+
 class ArithmeticPrompts:
     """Seeded synthetic sums and differences; prompt ``i`` depends only on (seed, i)."""
 
@@ -32,7 +41,7 @@ class ArithmeticPrompts:
         if op == "-" and b > a:
             a, b = b, a
         return Prompt(
-            prompt_id=f"p{index}",
+            prompt_id=prompt_id(index),
             text=f"What is {a} {op} {b}? Reply with only the number.",
             answer=str(_OPERATORS[op](a, b)),
         )

@@ -15,6 +15,7 @@ handed to the worker by reference, without serialization.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -119,6 +120,7 @@ class GenerationEngine:
             disable_log_stats=True,
         )
         self._engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
         self._engine.set_weight_version(str(version))
         self.init_seconds = time.perf_counter() - started
 
@@ -233,6 +235,22 @@ class GenerationEngine:
             if engine is not None:
                 engine.engine_core.shutdown()
                 del engine
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """Hide vLLM's reload warning for layers that have no checkpoint weights of their own.
+
+    Rotary embeddings hold only derived buffers, and a tied LM head shares the embedding's
+    weight, so on every reload vLLM reports them as "Failed to load weights". Any other layer
+    named in that warning is a real problem and still shows.
+    """
+
+    NO_OWN_WEIGHTS = frozenset({"RotaryEmbedding", "ParallelLMHead"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.NO_OWN_WEIGHTS
+        )
 
 
 def _reload_weights_on_worker(worker: Any, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

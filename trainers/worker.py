@@ -76,7 +76,9 @@ class TrainerWorker:
                     self.store.put(DROPPED, group.select(["prompt_id"]).slice(0, 1), {"version_start": version_start})
                     continue
                 pending.append(with_advantages(group))
-                for row in group.select(["sample_id", "version_start", "version_end", "reward"]).to_pylist():
+                for row in group.select(
+                    ["sample_id", "version_start", "version_end", "reward", "worker_id"]
+                ).to_pylist():
                     ledger.append({**row, "trained_at_version": version})
             while _rows(pending) >= micro or (pending and trained + _rows(pending) == needed):
                 batch_table, pending = _split(pending, micro)

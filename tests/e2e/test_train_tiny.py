@@ -42,3 +42,18 @@ def test_three_steps_with_staleness_one(tmp_path):
     # The embedded redis-server (its log lines start with its pid) was stopped with the run.
     server_pid = int((run_dir / "redis" / "redis.log").read_text().split(":", 1)[0])
     assert not Path(f"/proc/{server_pid}").exists()
+
+
+@pytest.mark.slow
+def test_synchronous_run_with_two_rollout_workers(tmp_path):
+    """k = 0 is on-policy: every sample is trained at the version that sampled it, across two engines."""
+    run_dir = tmp_path / "sync"
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
+         "run.steps=2", "scheduler.max_staleness=0", "rollout.num_workers=2", "scheduler.on_stale=regenerate"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert len({row["sample_id"] for row in ledger}) == len(ledger) == 2 * 8
+    assert all(row["trained_at_version"] == row["version_start"] == row["version_end"] for row in ledger)
