@@ -21,8 +21,9 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
-    # Keep the driver's terminal readable: warnings and errors only, no per-file load bars.
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    # Keep the driver's terminal readable: vLLM's CPU-build warnings (no triton, no tcmalloc, ...)
+    # repeat on every start; export VLLM_LOGGING_LEVEL=WARNING to see them.
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
