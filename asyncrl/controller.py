@@ -17,11 +17,10 @@ from asyncrl.metrics import RunWriter, plot_rewards
 from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
-from asyncrl.types import PROMPT_SCHEMA, table_from_rows
+from asyncrl.types import PROMPT_SCHEMA, Groups, Streams, table_from_rows
 
 log = logging.getLogger(__name__)
 
-PROMPTS, DROPPED, CONTROLLER_GROUP = "prompts", "dropped", "controller"
 POLL_S = 0.2
 
 
@@ -45,7 +44,7 @@ def _loop(cfg: Config, model_path: str, url: str, writer: RunWriter) -> None:
     from storage import TrajectoryStore, connect
 
     store = TrajectoryStore(connect(url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
-    store.ensure_group(DROPPED, CONTROLLER_GROUP)
+    store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
     prompts = build_prompt_source(cfg.data)
     trainer, rollouts = _launch_workers(cfg, model_path, url)
@@ -54,26 +53,35 @@ def _loop(cfg: Config, model_path: str, url: str, writer: RunWriter) -> None:
         for step in range(cfg.run.steps):
             tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
             step_ref = trainer.train_step.remote(scheduler.version)
-            # The trainer gives up after run.step_timeout_s itself; this catches one that hangs.
-            deadline = time.monotonic() + cfg.run.step_timeout_s + 60
-            while not ray.wait([step_ref], timeout=POLL_S)[0]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"optimizer step {step + 1} did not finish within {cfg.run.step_timeout_s + 60:.0f}s"
-                    )
-                _issue_prompts(store, scheduler, prompts, len(rollouts))
-                scheduler.on_dropped(_read_dropped(store))
-                _check_health(rollouts)
-            result = ray.get(step_ref)
+            result = _await_step(step_ref, store, scheduler, prompts, rollouts, cfg.run.step_timeout_s + 60)
             scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
             sync_seconds = _sync_weights(trainer, rollouts, scheduler.version, cfg.sync.timeout_s)
             step_seconds = time.monotonic() - tic
-            generated = (store.incr("rollout_tokens", 0)) - tokens_before
+            generated = store.incr("rollout_tokens", 0) - tokens_before
             record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)
             writer.log_samples(result["ledger"])
             writer.log_step(record)
             progress.advance(record)
     ray.get([w.stop.remote() for w in rollouts], timeout=60)
+
+
+def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeout_s: float) -> dict:
+    """Keep the rollout workers fed while the trainer runs one optimizer step.
+
+    Waits on: the trainer's step. Meanwhile issues every prompt admission allows, frees the
+    slots of groups the trainer dropped as stale, and fails fast if a rollout worker died.
+    The trainer gives up after run.step_timeout_s itself; the deadline here catches a hang.
+    """
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.wait([step_ref], timeout=POLL_S)[0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"optimizer step {scheduler.version + 1} did not finish within {timeout_s:.0f}s")
+        _issue_prompts(store, scheduler, prompts, len(rollouts))
+        scheduler.on_dropped(_read_dropped(store))
+        _check_health(rollouts)
+    return ray.get(step_ref)
 
 
 def _launch_workers(cfg: Config, model_path: str, url: str):
@@ -115,15 +123,15 @@ def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> No
             rows.append(
                 {"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer}
             )
-        store.put(PROMPTS, table_from_rows(rows, PROMPT_SCHEMA), {"rows": len(rows)})
+        store.put(Streams.PROMPTS, table_from_rows(rows, PROMPT_SCHEMA), {"rows": len(rows)})
 
 
 def _read_dropped(store) -> list[int]:
     """Prompt indices of groups the trainer dropped as stale since the last poll."""
-    entries = store.read(DROPPED, CONTROLLER_GROUP, "driver", count=100, block_ms=0)
+    entries = store.read(Streams.DROPPED, Groups.CONTROLLER, "driver", count=100, block_ms=0)
     if not entries:
         return []
-    store.ack(DROPPED, CONTROLLER_GROUP, [e.id for e in entries])
+    store.ack(Streams.DROPPED, Groups.CONTROLLER, [e.id for e in entries])
     return [prompt_index(e.table.column("prompt_id")[0].as_py()) for e in entries]
 
 

@@ -40,3 +40,17 @@ TRAJECTORY_SCHEMA = pa.schema(
 def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """Build a table of ``schema`` from row dicts (columns missing from a row are an error)."""
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+class Streams:
+    """Store streams of a run and the consumer group that reads each (DESIGN §4)."""
+
+    PROMPTS = "prompts"  # controller -> rollout workers (PROMPT_SCHEMA), group "rollout"
+    TRAJECTORIES = "trajectories"  # rollout workers -> trainer (TRAJECTORY_SCHEMA), group "trainer"
+    DROPPED = "dropped"  # trainer -> controller: prompt ids of groups dropped as stale, group "controller"
+
+
+class Groups:
+    ROLLOUT = "rollout"
+    TRAINER = "trainer"
+    CONTROLLER = "controller"

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from asyncrl.config import Config
 from asyncrl.data import encode_prompt
 from asyncrl.rewards import load_reward_fn, score
-from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows
+from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
 
 log = logging.getLogger(__name__)
-
-PROMPTS, TRAJECTORIES, ROLLOUT_GROUP = "prompts", "trajectories", "rollout"
 
 
 @dataclass
@@ -43,7 +41,7 @@ class RolloutWorker:
 
         self.cfg, self.worker_id = cfg, worker_id
         self.store = TrajectoryStore(connect(store_url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
-        self.store.ensure_group(PROMPTS, ROLLOUT_GROUP)
+        self.store.ensure_group(Streams.PROMPTS, Groups.ROLLOUT)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.reward_fn = load_reward_fn(cfg.reward.fn)
         self.engine = GenerationEngine(
@@ -108,7 +106,7 @@ class RolloutWorker:
         if free_groups <= 0:
             return
         idle = self.engine.num_unfinished() == 0
-        entries = self.store.read(PROMPTS, ROLLOUT_GROUP, self.worker_id, count=1, block_ms=200 if idle else 0)
+        entries = self.store.read(Streams.PROMPTS, Groups.ROLLOUT, self.worker_id, count=1, block_ms=200 if idle else 0)
         for entry in entries:
             rows = entry.table.to_pylist()
             self.entry_groups[entry.id] = len(rows)
@@ -162,9 +160,11 @@ class RolloutWorker:
                 }
             )
         tokens = sum(len(r["response_ids"]) for r in rows)
-        self.store.put(TRAJECTORIES, table_from_rows(rows, TRAJECTORY_SCHEMA), {"rows": len(rows), "tokens": tokens})
+        self.store.put(
+            Streams.TRAJECTORIES, table_from_rows(rows, TRAJECTORY_SCHEMA), {"rows": len(rows), "tokens": tokens}
+        )
         self.store.incr("rollout_tokens", tokens)
         self.entry_groups[group.entry_id] -= 1
         if self.entry_groups[group.entry_id] == 0:
             del self.entry_groups[group.entry_id]
-            self.store.ack(PROMPTS, ROLLOUT_GROUP, [group.entry_id])
+            self.store.ack(Streams.PROMPTS, Groups.ROLLOUT, [group.entry_id])

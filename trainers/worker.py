@@ -14,8 +14,7 @@ import pyarrow as pa
 
 from asyncrl.config import Config
 from asyncrl.scheduler import is_stale, staleness
-
-TRAJECTORIES, TRAINER_GROUP, DROPPED = "trajectories", "trainer", "dropped"
+from asyncrl.types import Groups, Streams
 
 
 class TrainerWorker:
@@ -25,7 +24,7 @@ class TrainerWorker:
 
         self.cfg = cfg
         self.store = TrajectoryStore(connect(store_url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
-        self.store.ensure_group(TRAJECTORIES, TRAINER_GROUP)
+        self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
         tc = cfg.trainer
         self.policy = PolicyTrainer(
             model_path,
@@ -68,12 +67,14 @@ class TrainerWorker:
         while trained < needed:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer waited {cfg.run.step_timeout_s}s for {needed} samples, got {trained}")
-            for entry in self.store.read(TRAJECTORIES, TRAINER_GROUP, "trainer-0", count=1, block_ms=500):
+            for entry in self.store.read(Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=1, block_ms=500):
                 entry_ids.append(entry.id)
                 group = entry.table
                 version_start = min(group.column("version_start").to_pylist())
                 if is_stale(version, version_start, cfg.scheduler.max_staleness):
-                    self.store.put(DROPPED, group.select(["prompt_id"]).slice(0, 1), {"version_start": version_start})
+                    self.store.put(
+                        Streams.DROPPED, group.select(["prompt_id"]).slice(0, 1), {"version_start": version_start}
+                    )
                     continue
                 pending.append(with_advantages(group))
                 for row in group.select(
@@ -89,7 +90,7 @@ class TrainerWorker:
         tic = time.monotonic()
         step_stats = self.policy.optimizer_step()
         compute_seconds += time.monotonic() - tic
-        self.store.ack(TRAJECTORIES, TRAINER_GROUP, entry_ids)
+        self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, entry_ids)
         tokens = sum(micro.pop("tokens") for micro in stats)  # the rest are per-micro-batch means
         return {
             "ledger": ledger,
