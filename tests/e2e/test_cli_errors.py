@@ -19,20 +19,20 @@ def run_cli(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProces
 
 
 @pytest.mark.parametrize(
-    "args, fragment",
+    "args, fragment, limit_s",
     [
-        (["train", "configs/tiny.yaml", "rollout.gruop_size=2"], "did you mean 'rollout.group_size'"),
-        (["train", "configs/tiny.yaml", "trainer.lr=fast"], "trainer.lr"),
-        (["train", "configs/tiny.yaml", "model.path=no/such/folder"], "no/such/folder"),
-        (["train", "configs/tiny.yaml", "model.path=configs"], "config.json"),
-        (["train", "configs/tiny.yaml", "store.url=redis://127.0.0.1:9", "store.timeout_s=2"], "127.0.0.1:9"),
-        (["config", "show", "configs/missing.yaml"], "configs/missing.yaml"),
+        (["train", "configs/tiny.yaml", "rollout.gruop_size=2"], "did you mean 'rollout.group_size'", 2),
+        (["train", "configs/tiny.yaml", "trainer.lr=fast"], "trainer.lr", 2),
+        (["config", "show", "configs/missing.yaml"], "configs/missing.yaml", 2),
+        (["train", "configs/tiny.yaml", "model.path=no/such/folder"], "no/such/folder", 10),
+        (["train", "configs/tiny.yaml", "model.path=configs"], "config.json", 10),
+        (["train", "configs/tiny.yaml", "store.url=redis://127.0.0.1:9", "store.timeout_s=2"], "127.0.0.1:9", 10),
     ],
 )
-def test_bad_input_is_one_clear_line(args, fragment):
+def test_bad_input_is_one_clear_line(args, fragment, limit_s):
     proc, seconds = run_cli(*args)
     assert proc.returncode != 0
-    assert seconds < 10
+    assert seconds < limit_s  # config errors come before any heavy import
     errors = [line for line in proc.stderr.splitlines() if line.startswith("asyncrl: error:")]
     assert len(errors) == 1 and fragment in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
