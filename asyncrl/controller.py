@@ -158,11 +158,12 @@ def _sync_weights(trainer, rollouts, version: int, timeout_s: float) -> float:
 
 
 def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_seconds, generated) -> dict:
-    rewards = [row["reward"] for row in result["ledger"]]
+    rewards = [row["reward"] for row in result["ledger"] if not row["reward_failed"]]
     return {
         "step": step + 1,
         "policy_version": scheduler.version,
-        "reward_mean": sum(rewards) / len(rewards),
+        "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
+        "reward_failed": len(result["ledger"]) - len(rewards),
         "staleness_max": max(result["staleness"]),
         "staleness_mean": sum(result["staleness"]) / len(result["staleness"]),
         "samples_trained": result["samples"],

@@ -78,7 +78,7 @@ class TrainerWorker:
                     continue
                 pending.append(with_advantages(group))
                 for row in group.select(
-                    ["sample_id", "version_start", "version_end", "reward", "worker_id"]
+                    ["sample_id", "version_start", "version_end", "reward", "reward_failed", "worker_id"]
                 ).to_pylist():
                     ledger.append({**row, "trained_at_version": version})
             while _rows(pending) >= micro or (pending and trained + _rows(pending) == needed):

@@ -57,3 +57,22 @@ def test_synchronous_run_with_two_rollout_workers(tmp_path):
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert len({row["sample_id"] for row in ledger}) == len(ledger) == 2 * 8
     assert all(row["trained_at_version"] == row["version_start"] == row["version_end"] for row in ledger)
+
+
+@pytest.mark.slow
+def test_failing_reward_marks_samples_failed_and_the_run_goes_on(tmp_path):
+    """A reward that raises or returns NaN on some samples: those are counted failed, none is lost."""
+    run_dir = tmp_path / "flaky"
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
+         "run.steps=2", "reward.fn=tests.e2e.flaky_reward:flaky_reward"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert len({row["sample_id"] for row in ledger}) == len(ledger) == 2 * 8
+    failed = [row for row in ledger if row["reward_failed"]]
+    assert failed and len(failed) < len(ledger)  # the tiny model's responses vary in length
+    assert sum(m["reward_failed"] for m in metrics) == len(failed)
+    assert all(m["reward_mean"] == 1.0 for m in metrics)  # failed samples do not drag the mean
