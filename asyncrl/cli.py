@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from asyncrl.config import ConfigError, load_config, to_yaml
 
@@ -17,6 +18,7 @@ consume them under a hard staleness bound; new weights flow back to the engines 
 A job is one YAML file plus key=value overrides, e.g.
   asyncrl train configs/demo.yaml run.steps=20 scheduler.max_staleness=2
   asyncrl config show configs/tiny.yaml trainer.lr=3e-5
+  asyncrl plot runs/demo
 """
 
 
@@ -40,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     show = config_commands.add_parser("show", help="print the resolved config (YAML + overrides + defaults)")
     _config_args(show)
+
+    plot = commands.add_parser(
+        "plot",
+        help="draw a run's curves",
+        description="Write reward.png and curves.png (reward, response length, staleness, loss, clip fraction, "
+        "step and sync seconds; whichever were logged) from RUN_DIR/metrics.jsonl into RUN_DIR.",
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo")
     return parser
 
 
@@ -56,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    if args.command == "plot":
+        return _plot(Path(args.run_dir))
     from asyncrl.models import ModelError
     from storage import StoreError
 
@@ -81,6 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         print("asyncrl: interrupted; workers and the store were stopped", file=sys.stderr)
         return 130
     print(f"run finished: {run_dir} (metrics.jsonl, ledger.jsonl, reward.png)")
+    return 0
+
+
+def _plot(run_dir: Path) -> int:
+    if not (run_dir / "metrics.jsonl").is_file():
+        what = "no such run folder" if not run_dir.is_dir() else "no metrics.jsonl in"
+        print(f"asyncrl: error: {what} {run_dir}", file=sys.stderr)
+        return 2
+    from asyncrl.metrics import plot_run
+
+    try:
+        written = plot_run(run_dir)
+    except ValueError as err:
+        print(f"asyncrl: error: {err}", file=sys.stderr)
+        return 2
+    if not written:
+        print(f"asyncrl: error: {run_dir / 'metrics.jsonl'} has none of the plotted metrics", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
     return 0
 
 

@@ -45,9 +45,17 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     kind: str = "arithmetic"
-    """Prompt source: `arithmetic` (seeded synthetic sums and differences)."""
+    """Prompt source: `arithmetic` (seeded synthetic sums and differences), `jsonl` or `parquet` (a file at data.path)."""
     seed: int = 0
-    """Seed of the prompt stream; the same seed gives the same prompts."""
+    """Seed of the prompt stream (and of the file order when shuffled); the same seed gives the same prompts."""
+    path: str = ""
+    """The prompt file for kind `jsonl` (one JSON object a line) or `parquet`."""
+    prompt_field: str = "prompt"
+    """Column of the file holding the prompt text."""
+    answer_field: str = "answer"
+    """Column of the file holding the reference answer, passed to the reward function as `answer`."""
+    shuffle: bool = True
+    """Visit the file's rows in a seeded order, a new one each epoch; false keeps file order."""
     max_operand: int = 20
     """Largest operand in a synthetic problem."""
     chat_template: bool = True
@@ -56,7 +64,10 @@ class DataConfig:
     """System message for the chat template; empty keeps the template's default."""
 
     def __post_init__(self) -> None:
-        _one_of("data.kind", self.kind, ("arithmetic",))
+        _one_of("data.kind", self.kind, ("arithmetic", "jsonl", "parquet"))
+        if self.kind in ("jsonl", "parquet"):
+            _require(bool(self.path), f"data.path is required for data.kind={self.kind} (the prompt file)")
+            _require(Path(self.path).is_file(), f"data.path: prompt file not found: {self.path}")
         _require(self.max_operand >= 1, f"data.max_operand must be >= 1, got {self.max_operand}")
 
 

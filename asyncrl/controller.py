@@ -13,7 +13,7 @@ from pathlib import Path
 
 from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
-from asyncrl.metrics import RunWriter, plot_rewards
+from asyncrl.metrics import RunWriter, plot_run
 from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
@@ -29,16 +29,17 @@ def train(cfg: Config) -> Path:
     from asyncrl.models import resolve_model_path
 
     model_path = str(resolve_model_path(cfg.model.path))
+    prompts = build_prompt_source(cfg.data)  # a bad data file fails here, before anything starts
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     with store_server(cfg, run_dir) as url, ray_session(cfg), RunWriter(run_dir) as writer:
-        _loop(cfg, model_path, url, writer)
-    plot_rewards(run_dir)
+        _loop(cfg, model_path, prompts, url, writer)
+    plot_run(run_dir)
     return run_dir
 
 
-def _loop(cfg: Config, model_path: str, url: str, writer: RunWriter) -> None:
+def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) -> None:
     import ray
 
     from storage import TrajectoryStore, connect
@@ -46,7 +47,6 @@ def _loop(cfg: Config, model_path: str, url: str, writer: RunWriter) -> None:
     store = TrajectoryStore(connect(url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
     store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
-    prompts = build_prompt_source(cfg.data)
     trainer, rollouts = _launch_workers(cfg, model_path, url)
     ray.get([w.start.remote() for w in rollouts], timeout=60)
     with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:

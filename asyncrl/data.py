@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from asyncrl.config import DataConfig
+from asyncrl.config import ConfigError, DataConfig
 
 _OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
 
@@ -47,7 +48,74 @@ class ArithmeticPrompts:
         )
 
 
-SOURCES = {"arithmetic": ArithmeticPrompts}
+class FilePrompts:
+    """Rows of a JSONL or Parquet file; cursor ``i`` is row ``order(epoch)[i % rows]`` with ``epoch = i // rows``.
+
+    Each epoch visits every row once, in file order or in a permutation that depends only on (seed, epoch), so a
+    cursor always maps to the same row and a regenerated prompt is the same prompt.
+    """
+
+    _CACHED_EPOCHS = 4  # the cursor moves forward; regenerated prompts reach back at most an epoch or so
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.path = Path(cfg.path)
+        self.seed = cfg.seed
+        self.shuffle = cfg.shuffle
+        table = _read_table(self.path, cfg.kind)
+        columns = {}
+        for key, name in (("data.prompt_field", cfg.prompt_field), ("data.answer_field", cfg.answer_field)):
+            if name not in table.column_names:
+                raise ConfigError(
+                    f"{key}: field {name!r} not in {self.path}; fields that exist: {', '.join(table.column_names)}"
+                )
+            columns[key] = table.column(name).to_pylist()
+        if table.num_rows == 0:
+            raise ConfigError(f"data.path: {self.path} has no rows")
+        self.texts = columns["data.prompt_field"]
+        bad = next((i for i, text in enumerate(self.texts) if not isinstance(text, str)), None)
+        if bad is not None:
+            raise ConfigError(
+                f"data.prompt_field: {cfg.prompt_field!r} in {self.path} must be text; row {bad} is {self.texts[bad]!r}"
+            )
+        self.answers = ["" if answer is None else str(answer) for answer in columns["data.answer_field"]]
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> Prompt:
+        epoch, offset = divmod(index, len(self.texts))
+        row = self._order(epoch)[offset] if self.shuffle else offset
+        return Prompt(prompt_id=prompt_id(index), text=self.texts[row], answer=self.answers[row])
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.texts)))
+            random.Random(f"{self.seed}:epoch:{epoch}").shuffle(order)
+            if len(self._orders) >= self._CACHED_EPOCHS:
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+
+def _read_table(path: Path, kind: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"data.path: prompt file not found: {path}")
+    import pyarrow as pa
+
+    try:
+        if kind == "jsonl":
+            import pyarrow.json
+
+            return pyarrow.json.read_json(str(path))
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(str(path))
+    except pa.ArrowException as err:
+        raise ConfigError(f"data.path: cannot read {path} as {kind}: {err}") from None
+
+
+SOURCES = {"arithmetic": ArithmeticPrompts, "jsonl": FilePrompts, "parquet": FilePrompts}
 
 
 def build_prompt_source(cfg: DataConfig) -> Any:

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl and TensorBoard events per step, ledger.jsonl per trained sample, reward.png."""
+"""Run outputs: metrics.jsonl and TensorBoard events per step, ledger.jsonl per trained sample, reward.png, curves.png."""
 
 from __future__ import annotations
 
@@ -52,26 +52,97 @@ def _tensorboard(folder: Path):
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The step records of metrics.jsonl; a cut-off last line (a run still writing, or killed mid-line) is skipped."""
+    lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{run_dir / 'metrics.jsonl'} line {number} is not JSON: {err}") from None
+    return records
 
 
-def plot_rewards(run_dir: Path) -> Path:
+# (panel title, metrics drawn in it); a panel appears only when one of its metrics was logged.
+CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mean reward", ("reward_mean",)),
+    ("mean response tokens", ("response_tokens_mean",)),
+    ("max staleness", ("staleness_max",)),
+    ("loss", ("loss",)),
+    ("clip fraction", ("clip_fraction",)),
+    ("seconds", ("step_seconds", "sync_seconds")),
+)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write reward.png and curves.png (a grid of the main metrics) from metrics.jsonl; returns the files written."""
+    records = read_metrics(run_dir)
+    if not records:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no step records yet")
+    written = [plot_rewards(run_dir, records)] if _series(records, "reward_mean")[0] else []
+    panels = [(title, keys) for title, keys in CURVE_PANELS if any(_series(records, key)[0] for key in keys)]
+    if panels:
+        written.append(_plot_panels(run_dir, records, panels))
+    return written
+
+
+def plot_rewards(run_dir: Path, records: list[dict[str, Any]] | None = None) -> Path:
     """Write reward.png: mean reward per optimizer step."""
+    plt = _pyplot()
+    steps, values = _series(read_metrics(run_dir) if records is None else records, "reward_mean")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values, marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean reward")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    return _save(fig, run_dir / "reward.png")
+
+
+def _plot_panels(run_dir: Path, records: list[dict[str, Any]], panels: list[tuple[str, tuple[str, ...]]]) -> Path:
+    plt = _pyplot()
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    cells = list(axes.flat)  # the grid may have a cell or two more than there are panels
+    for ax, (title, keys) in zip(cells, panels, strict=False):
+        for key in keys:
+            steps, values = _series(records, key)
+            if steps:
+                ax.plot(steps, values, marker="o", markersize=3, label=key)
+        if len(keys) > 1:
+            ax.legend(fontsize="small")
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in cells[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(run_dir.name)
+    return _save(fig, run_dir / "curves.png")
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the records that logged ``key`` as a number."""
+    points = [
+        (record.get("step", number), record[key])
+        for number, record in enumerate(records, start=1)
+        if isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool)
+    ]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["reward_mean"] for r in records], marker="o")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward")
-    ax.set_title(run_dir.name)
-    ax.grid(alpha=0.3)
-    out = run_dir / "reward.png"
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out

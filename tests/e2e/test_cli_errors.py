@@ -43,3 +43,12 @@ def test_help_and_config_show_are_fast():
     assert proc.returncode == 0 and "asyncrl train" in proc.stdout and seconds < 2
     proc, seconds = run_cli("config", "show", "configs/tiny.yaml", "run.steps=9")
     assert proc.returncode == 0 and "steps: 9" in proc.stdout and seconds < 2
+
+
+def test_prompt_file_with_a_missing_field_is_one_clear_line(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
+    proc, seconds = run_cli("train", "configs/tiny.yaml", "data.kind=jsonl", f"data.path={data}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("asyncrl: error:")]
+    assert proc.returncode == 2 and seconds < 10
+    assert len(errors) == 1 and "data.prompt_field" in errors[0] and "question" in errors[0], proc.stderr
