@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml launch/setup.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/asyncrl train configs/demo.yaml
+	$(VENV)/bin/asyncrl train configs/demo.yaml run.overwrite=true
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -199,6 +199,8 @@ class RunConfig:
     """Longest one optimizer step (waiting for its samples included) may take."""
     progress: bool = True
     """Show a progress bar in the terminal."""
+    overwrite: bool = False
+    """Replace the outputs of an earlier run in run.dir (otherwise such a folder is refused)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
-from asyncrl.metrics import RunWriter, plot_run
+from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir
 from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
@@ -30,8 +30,7 @@ def train(cfg: Config) -> Path:
 
     model_path = str(resolve_model_path(cfg.model.path))
     prompts = build_prompt_source(cfg.data)  # a bad data file fails here, before anything starts
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(Path(cfg.run.dir), overwrite=cfg.run.overwrite)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     with store_server(cfg, run_dir) as url, ray_session(cfg), RunWriter(run_dir) as writer:
         _loop(cfg, model_path, prompts, url, writer)

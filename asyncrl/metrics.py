@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
+from asyncrl.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "reward.png", "curves.png", "tensorboard", "redis")
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Create the run folder; an earlier run that trained there is refused, or removed when ``overwrite``.
+
+    Leftovers of a start that never reached a step (config.yaml, redis/) are simply replaced.
+    Only the files a run writes are removed, never anything else in the folder.
+    """
+    earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    trained = [path.name for path in earlier if path.name in ("metrics.jsonl", "ledger.jsonl")]
+    if trained and not overwrite:
+        raise ConfigError(
+            f"run.dir {run_dir} already holds a run ({trained[0]}); pick another run.name or run.dir, "
+            "or pass run.overwrite=true to replace it"
+        )
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 class RunWriter:

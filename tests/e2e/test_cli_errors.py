@@ -29,7 +29,9 @@ def run_cli(*args: str, timeout: float = 30) -> tuple[subprocess.CompletedProces
         (["train", "configs/tiny.yaml", "store.url=redis://127.0.0.1:9", "store.timeout_s=2"], "127.0.0.1:9", 10),
     ],
 )
-def test_bad_input_is_one_clear_line(args, fragment, limit_s):
+def test_bad_input_is_one_clear_line(args, fragment, limit_s, tmp_path):
+    if args[0] == "train":
+        args = [*args, f"run.dir={tmp_path / 'run'}"]  # nothing lands in the checkout
     proc, seconds = run_cli(*args)
     assert proc.returncode != 0
     assert seconds < limit_s  # config errors come before any heavy import
@@ -48,7 +50,9 @@ def test_help_and_config_show_are_fast():
 def test_prompt_file_with_a_missing_field_is_one_clear_line(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"question": "What is 1 + 1?", "answer": "2"}\n')
-    proc, seconds = run_cli("train", "configs/tiny.yaml", "data.kind=jsonl", f"data.path={data}")
+    proc, seconds = run_cli(
+        "train", "configs/tiny.yaml", "data.kind=jsonl", f"data.path={data}", f"run.dir={tmp_path / 'run'}"
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("asyncrl: error:")]
     assert proc.returncode == 2 and seconds < 10
     assert len(errors) == 1 and "data.prompt_field" in errors[0] and "question" in errors[0], proc.stderr
