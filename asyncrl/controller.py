@@ -173,5 +173,7 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "trainer_wait_seconds": result["wait_seconds"],
         "sync_seconds": sync_seconds,
         "step_seconds": step_seconds,
-        **{k: result[k] for k in ("loss", "clip_fraction", "grad_norm") if k in result},
+        **{
+            k: result[k] for k in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "lr") if k in result
+        },
     }
