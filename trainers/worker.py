@@ -91,7 +91,7 @@ class TrainerWorker:
         step_stats = self.policy.optimizer_step()
         compute_seconds += time.monotonic() - tic
         self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, entry_ids)
-        tokens = sum(micro.pop("tokens") for micro in stats)  # the rest are per-micro-batch means
+        tokens = sum(micro_stats.pop("tokens") for micro_stats in stats)  # the rest are per-micro-batch means
         return {
             "ledger": ledger,
             "staleness": [staleness(version, row["version_start"]) for row in ledger],
