@@ -243,3 +243,22 @@ def score(fn: RewardFn, prompt: str, response: str, metadata: dict) -> tuple[flo
         log.warning("reward function returned %r; sample marked failed", value)
         return 0.0, True
     return value, False
+
+
+_PYTHON_BLOCK = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.DOTALL)
+
+
+def code_reward(
+    prompt: str, response: str, *, tests: str, timeout_s: float = 5.0, memory_mb: int = 256, **_: object
+) -> float:
+    """1.0 when the response's code, followed by ``tests`` (assert statements), exits 0 in the sandbox, else 0.0.
+
+    The code is the last fenced ```python block, or the whole response when there is none. A wrong answer, a
+    crash, a timeout or a resource kill all score 0.0; only a sandbox that cannot be set up raises.
+    """
+    from asyncrl.sandbox import run_python  # imported here so reward modules without code tasks never load it
+
+    blocks = _PYTHON_BLOCK.findall(response)
+    code = blocks[-1] if blocks else response
+    result = run_python(f"{code}\n\n{tests}\n", timeout_s=timeout_s, memory_mb=memory_mb)
+    return float(result.returncode == 0 and not result.timed_out)
