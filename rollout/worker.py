@@ -19,6 +19,8 @@ from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
 
 log = logging.getLogger(__name__)
 
+BUSY_POLL_S = 0.05  # a store round trip per engine step costs a few percent on a small model
+
 
 @dataclass
 class _Group:
@@ -54,6 +56,7 @@ class RolloutWorker:
         )
         self.groups: dict[str, _Group] = {}
         self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet pushed
+        self._next_poll = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -106,6 +109,10 @@ class RolloutWorker:
         if free_groups <= 0:
             return
         idle = self.engine.num_unfinished() == 0
+        now = time.monotonic()
+        if not idle and now < self._next_poll:
+            return  # while decoding, look for new prompts at most every BUSY_POLL_S, not every engine step
+        self._next_poll = now + BUSY_POLL_S
         entries = self.store.read(Streams.PROMPTS, Groups.ROLLOUT, self.worker_id, count=1, block_ms=200 if idle else 0)
         for entry in entries:
             rows = entry.table.to_pylist()
