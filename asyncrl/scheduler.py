@@ -75,13 +75,3 @@ class Scheduler:
         self.trained += trained_groups
         self.version += 1
         self.staleness_counts.update(staleness_values)
-
-    def state(self) -> dict:
-        return {
-            "version": self.version,
-            "issued": self.issued,
-            "trained": self.trained,
-            "dropped": self.dropped,
-            "next_prompt": self.next_prompt,
-            "requeued": list(self.requeued),
-        }

@@ -217,7 +217,3 @@ class PolicyTrainer:
                 continue
             seen.add(tensor.data_ptr())
             yield name, tensor.detach().to("cpu", copy=True)
-
-    def state_dict_for_save(self) -> dict[str, Tensor]:
-        """The ``named_weights`` as a dict, ready for ``safetensors.torch.save_file``."""
-        return dict(self.named_weights())
