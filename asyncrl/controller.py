@@ -165,6 +165,8 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "reward_failed": len(result["ledger"]) - len(rewards),
         "staleness_max": max(result["staleness"]),
         "staleness_mean": sum(result["staleness"]) / len(result["staleness"]),
+        # Trained samples so far by staleness, e.g. {"0": 40, "1": 24}: the bound's whole history.
+        "staleness_hist": {str(k): n for k, n in sorted(scheduler.staleness_counts.items())},
         "samples_trained": result["samples"],
         "dropped_groups": scheduler.dropped,
         "response_tokens_mean": result["tokens"] / result["samples"],

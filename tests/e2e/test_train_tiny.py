@@ -29,6 +29,7 @@ def test_three_steps_with_staleness_one(tmp_path):
     assert [m["policy_version"] for m in metrics] == [1, 2, 3]
     assert all(REQUIRED <= m.keys() for m in metrics)
     assert all(m["samples_trained"] == 8 for m in metrics)
+    assert sum(metrics[-1]["staleness_hist"].values()) == 24 and set(metrics[-1]["staleness_hist"]) <= {"0", "1"}
 
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     ids = [row["sample_id"] for row in ledger]
