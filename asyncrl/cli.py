@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run a training job",
         description="Run a job: start the store and Ray on loopback, the rollout and trainer workers, and "
         "train for run.steps optimizer steps. Writes config.yaml, metrics.jsonl, ledger.jsonl, "
-        "tensorboard/ and reward.png into run.dir.",
+        "tensorboard/, reward.png and curves.png into run.dir.",
     )
     _config_args(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -64,8 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         "store, alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
         "last the line 'rollout ratio (ours/bare vLLM): X'.",
     )
-    rollout.add_argument("config", nargs="?", default=BENCH_CONFIG, help=f"job YAML file (default {BENCH_CONFIG})")
-    rollout.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.threads=2")
+    _config_args(rollout, default=BENCH_CONFIG)
     rollout.add_argument("--prompts", type=_positive, default=16, help="prompts per timed run (default 16)")
     rollout.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
     rollout.add_argument(
@@ -85,8 +84,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="job YAML file, e.g. configs/tiny.yaml")
+def _config_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """CONFIG [key=value ...]; with a ``default`` the config file may be left out."""
+    if default is None:
+        parser.add_argument("config", help="job YAML file, e.g. configs/tiny.yaml")
+    else:
+        parser.add_argument("config", nargs="?", default=default, help=f"job YAML file (default {default})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=5")
 
 
