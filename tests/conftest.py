@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -29,3 +30,23 @@ def store(redis_url: str) -> Iterator[TrajectoryStore]:
     finally:
         trajectory_store.purge()
         client.close()
+
+
+@pytest.fixture(scope="session")
+def _session_environment() -> dict[str, str]:
+    """os.environ after collection, before any test or module fixture ran (session fixtures set up first)."""
+    return dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment(_session_environment: dict[str, str]) -> Iterator[None]:
+    """After every test, os.environ is the session's again.
+
+    An in-process vLLM engine writes process-level settings into os.environ (LD_PRELOAD of
+    torch's libgomp among them); a later test's subprocess would inherit them and run with an
+    OpenMP setup no user has (the bench's worker thread then fails a vLLM thread-count check),
+    so results would depend on test order.
+    """
+    yield
+    os.environ.clear()
+    os.environ.update(_session_environment)
