@@ -50,18 +50,20 @@ class BareVllm:
     def __init__(self, cfg: Config, model_path: str) -> None:
         from vllm import LLM, SamplingParams
 
+        from rollout.engine import engine_kwargs
+
         rc = self.rollout = cfg.rollout
         self.llm = LLM(
-            model=model_path,
-            dtype=cfg.model.dtype,
-            max_model_len=rc.max_model_len,
-            max_num_seqs=rc.max_num_seqs,
-            kv_cache_memory_bytes=rc.kv_cache_mb << 20,
-            seed=cfg.run.seed,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=True,  # GenerationEngine's default (recompute_kv_on_update=True)
-            enforce_eager=True,
-            disable_log_stats=True,
+            **engine_kwargs(
+                model_path,
+                dtype=cfg.model.dtype,
+                max_model_len=rc.max_model_len,
+                max_num_seqs=rc.max_num_seqs,
+                kv_cache_mb=rc.kv_cache_mb,
+                seed=cfg.run.seed,
+                prefix_caching=True,  # GenerationEngine's default (recompute_kv_on_update=True)
+                enforce_eager=True,
+            )
         )
         # Token ids out, like our engine (detokenize=False): the baseline pays no incremental
         # detokenization, so the gap is all ours (our worker decodes each response once, for its reward).

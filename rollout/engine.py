@@ -63,6 +63,32 @@ class _RunningSequence:
         )
 
 
+def engine_kwargs(
+    model_path: str,
+    *,
+    dtype: str,
+    max_model_len: int,
+    max_num_seqs: int,
+    kv_cache_mb: int,
+    seed: int,
+    prefix_caching: bool,
+    enforce_eager: bool,
+) -> dict[str, Any]:
+    """vLLM engine arguments as every engine of ours sets them (the bench baseline uses the same ones)."""
+    return {
+        "model": model_path,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "kv_cache_memory_bytes": kv_cache_mb << 20,
+        "seed": seed,
+        "logprobs_mode": "processed_logprobs",  # behaviour log-probs of the distribution actually sampled
+        "enable_prefix_caching": prefix_caching,
+        "enforce_eager": enforce_eager,
+        "disable_log_stats": True,
+    }
+
+
 class GenerationEngine:
     """A vLLM ``LLMEngine`` in this process, with atomic weight updates and per-token versions.
 
@@ -108,16 +134,16 @@ class GenerationEngine:
         self._running: dict[str, _RunningSequence] = {}
         self._aborted: list[FinishedSequence] = []
         args = EngineArgs(
-            model=model_path,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            kv_cache_memory_bytes=kv_cache_mb << 20,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            enable_prefix_caching=recompute_kv_on_update,
-            enforce_eager=enforce_eager,
-            disable_log_stats=True,
+            **engine_kwargs(
+                model_path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                max_num_seqs=max_num_seqs,
+                kv_cache_mb=kv_cache_mb,
+                seed=seed,
+                prefix_caching=recompute_kv_on_update,
+                enforce_eager=enforce_eager,
+            )
         )
         self._engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
