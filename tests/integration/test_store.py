@@ -166,10 +166,10 @@ def test_purge_removes_only_its_own_run(store: TrajectoryStore) -> None:
             each.set_value("policy_version", 1)
         assert all(key.startswith(f"asyncrl:{{{store.run_id}}}:") for key in store.run_keys())
 
-        assert store.purge() == 3  # stream, payload, control key
+        assert store.purge() == 4  # stream, its in-flight counters, payload, control key
 
         assert store.run_keys() == []
-        assert len(other.run_keys()) == 3
+        assert len(other.run_keys()) == 4
         assert len(other.read("trajectories", "trainer", "t0")) == 1
     finally:
         other.purge()

@@ -14,7 +14,6 @@ differ between runs, so the figure compared is response tokens per second, not s
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from asyncrl.bench.memory import own_peak_rss_mb, server_peak_rss_mb
 from asyncrl.config import Config, ConfigError
 
 # The longest one measured batch may take before the bench gives up naming the side that hung.
@@ -96,11 +96,11 @@ class InProcessRollout:
         from asyncrl.data import build_prompt_source
         from asyncrl.types import Groups, Streams
         from rollout.worker import RolloutWorker
-        from storage import TrajectoryStore, connect
+        from storage import TrajectoryStore
 
         self.cfg = cfg
         self.prompts = build_prompt_source(cfg.data)
-        self.store = TrajectoryStore(connect(url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+        self.store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
         self.worker = RolloutWorker(cfg, model_path, url, "bench-0")
         self.worker.start()
@@ -186,7 +186,7 @@ def bench_rollout(
             for _ in range(repeats):
                 bare.append(baseline.run(prompt_ids))
                 ours.append(rollout.run(num_prompts))
-            redis_peak = None if cfg.store.url else _server_peak_rss_mb(url, cfg.store.timeout_s)
+            redis_peak = None if cfg.store.url else server_peak_rss_mb(url, cfg.store.timeout_s)
         finally:
             rollout.close()
             baseline.close()
@@ -216,7 +216,7 @@ def bench_rollout(
             file=out,
         )
     print(f"{'median':>6} | {bare_median:>10.1f} {'':>7} {'':>7} | {ours_median:>10.1f}", file=out)
-    own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    own_peak = own_peak_rss_mb()
     redis_text = "n/a (external store.url)" if redis_peak is None else f"{redis_peak:.0f} MB"
     print(f"\npeak RSS: this process (both engines) {own_peak:.0f} MB, redis-server {redis_text}", file=out)
     print(f"rollout ratio (ours/bare vLLM): {ratio:.2f}", file=out)
@@ -235,16 +235,3 @@ def _check_device(device: str) -> str:
             "(cuda needs the CUDA vllm build and a GPU: pip install '.[gpu]')"
         )
     return actual
-
-
-def _server_peak_rss_mb(url: str, timeout_s: float) -> float:
-    """Peak resident memory (VmHWM) of the embedded redis-server, found by the pid it reports."""
-    from storage import connect
-
-    client = connect(url, timeout_s)
-    pid = int(client.info("server")["process_id"])
-    client.close()
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")

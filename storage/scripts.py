@@ -1,0 +1,163 @@
+"""Lua scripts that keep a payload's bookkeeping atomic on the server.
+
+Each script runs as one step in Redis, so a crash of the caller can never leave half an
+update: an entry is acknowledged and its payload freed together, a stage's columns are added
+and the entry forwarded together, and the in-flight counters used for back-pressure always
+agree with the entries they count.
+
+Bookkeeping: a payload hash carries a marker field ``i:<stream key>`` (its byte size) while it
+is in flight on that stream; ``<stream key>:inflight`` holds the stream's ``entries`` and
+``bytes`` totals. ``release`` drops the marker and the totals together, once, however many
+times it is called.
+
+The scripts touch the payload keys they find in stream entries, which they do not declare as
+KEYS. Every key of a run shares the hash tag ``{run}``, so on Redis Cluster they all sit in
+the slot of the declared keys and the scripts run there unchanged.
+"""
+
+from __future__ import annotations
+
+_PRELUDE = """
+local function entry_fields(stream, id)
+  local found = redis.call('XRANGE', stream, id, id)
+  if #found == 0 then return nil end
+  local fields, flat = {}, found[1][2]
+  for i = 1, #flat, 2 do fields[flat[i]] = flat[i + 1] end
+  return fields
+end
+local function release(payload, stream, inflight)
+  local size = redis.call('HGET', payload, 'i:' .. stream)
+  if size then
+    redis.call('HDEL', payload, 'i:' .. stream)
+    redis.call('HINCRBY', inflight, 'entries', -1)
+    redis.call('HINCRBY', inflight, 'bytes', -tonumber(size))
+  end
+end
+local function admit(payload, stream, inflight, size)
+  redis.call('HSET', payload, 'i:' .. stream, size)
+  redis.call('HINCRBY', inflight, 'entries', 1)
+  redis.call('HINCRBY', inflight, 'bytes', size)
+end
+"""
+
+# KEYS: stream, payload (written just before, in the same transaction), inflight.
+# ARGV: max_entries, max_bytes, bytes, rows, meta. Appends the entry unless the stream is at its
+# bound (0 = no bound); a lone entry always fits, so one batch larger than the byte bound cannot
+# wedge the stream. Returns the entry id, or nil when refused (the payload is deleted). The
+# payload bytes go through a plain HSET: a script argument would be copied twice more.
+PUT = (
+    _PRELUDE
+    + """
+local entries = tonumber(redis.call('HGET', KEYS[3], 'entries') or '0')
+local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
+local max_entries, max_bytes, size = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if entries > 0 and ((max_entries > 0 and entries >= max_entries) or (max_bytes > 0 and bytes + size > max_bytes)) then
+  redis.call('DEL', KEYS[2])
+  return false
+end
+admit(KEYS[2], KEYS[1], KEYS[3], size)
+return redis.call('XADD', KEYS[1], '*', 'payload', KEYS[2], 'rows', ARGV[4], 'bytes', ARGV[3], 'meta', ARGV[5])
+"""
+)
+
+# KEYS: stream, inflight, retired set. ARGV: group, mode (delete | retire | keep), ids...
+# Returns how many ids were pending. Only an entry this call acknowledged releases its payload,
+# so an id acknowledged twice (by a slow consumer after a reclaim) changes nothing.
+ACK = (
+    _PRELUDE
+    + """
+local acked = 0
+for i = 3, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    acked = acked + 1
+    local fields = entry_fields(KEYS[1], ARGV[i])
+    if fields then
+      release(fields['payload'], KEYS[1], KEYS[2])
+      if ARGV[2] == 'delete' then
+        redis.call('DEL', fields['payload'])
+      elseif ARGV[2] == 'retire' then
+        redis.call('SADD', KEYS[3], fields['payload'])
+      end
+    end
+  end
+end
+return acked
+"""
+)
+
+# KEYS: source stream, its inflight, destination stream, its inflight.
+# ARGV: group, id, n_ready, the ready fields ('r:<column>', n_ready of them), meta ('' keeps the
+# entry's), then optionally a new segment: its field, its bytes, and the field/value pairs of
+# its columns' ready fields. The segment is written only if none of its columns is there yet,
+# so a stage that redoes an entry cannot overwrite what it wrote before. Returns nil if the
+# entry was not pending (another consumer finished it first: nothing is written), 0 if a ready
+# field is still missing (another stage will forward it), else the id on the destination.
+ADVANCE = (
+    _PRELUDE
+    + """
+local group, id, n_ready = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('XACK', KEYS[1], group, id) == 0 then return false end
+local fields = entry_fields(KEYS[1], id)
+if not fields or redis.call('EXISTS', fields['payload']) == 0 then return false end
+local payload = fields['payload']
+local first = 5 + n_ready
+if #ARGV > first then
+  local fresh = true
+  for i = first + 2, #ARGV, 2 do
+    if redis.call('HEXISTS', payload, ARGV[i]) == 1 then fresh = false end
+  end
+  if fresh then
+    local order = redis.call('HGET', payload, 'columns')
+    for i = first + 2, #ARGV, 2 do order = order .. '\\n' .. string.sub(ARGV[i], 3) end
+    redis.call('HSET', payload, 'columns', order, unpack(ARGV, first))
+  end
+end
+for i = 4, 3 + n_ready do
+  if redis.call('HEXISTS', payload, ARGV[i]) == 0 then return 0 end
+end
+release(payload, KEYS[1], KEYS[2])
+local size = 0
+for _, field in ipairs(redis.call('HKEYS', payload)) do
+  if string.sub(field, 1, 2) == 's:' then size = size + redis.call('HSTRLEN', payload, field) end
+end
+admit(payload, KEYS[3], KEYS[4], size)
+local meta = ARGV[4 + n_ready]
+if meta == '' then meta = fields['meta'] end
+return redis.call('XADD', KEYS[3], '*', 'payload', payload, 'rows', fields['rows'], 'bytes', size, 'meta', meta)
+"""
+)
+
+# KEYS: stream, inflight, dead-letter stream. ARGV: group, id, reason, deliveries.
+# Moves a pending entry to the dead-letter stream; its payload is kept there for inspection.
+DEAD_LETTER = (
+    _PRELUDE
+    + """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return false end
+local fields = entry_fields(KEYS[1], ARGV[2]) or {}
+local payload = fields['payload'] or ''
+if payload ~= '' then release(payload, KEYS[1], KEYS[2]) end
+return redis.call('XADD', KEYS[3], '*', 'stream', KEYS[1], 'group', ARGV[1], 'entry', ARGV[2],
+  'payload', payload, 'reason', ARGV[3], 'deliveries', ARGV[4])
+"""
+)
+
+# KEYS: payload. ARGV: column names. Returns the column list, then per asked column the field of
+# its segment (nil if absent), then each needed segment's field and bytes: the columns a reader
+# asked for in one round trip, without the other segments' bytes.
+FETCH = """
+local out = {redis.call('HGET', KEYS[1], 'columns')}
+local needed, order = {}, {}
+for i = 1, #ARGV do
+  local segment = redis.call('HGET', KEYS[1], 'r:' .. ARGV[i])
+  out[#out + 1] = segment
+  if segment and not needed[segment] then
+    needed[segment] = true
+    order[#order + 1] = segment
+  end
+end
+for _, segment in ipairs(order) do
+  out[#out + 1] = segment
+  out[#out + 1] = redis.call('HGET', KEYS[1], segment)
+end
+return out
+"""
