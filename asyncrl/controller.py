@@ -41,9 +41,9 @@ def train(cfg: Config) -> Path:
 def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) -> None:
     import ray
 
-    from storage import TrajectoryStore, connect
+    from storage import TrajectoryStore
 
-    store = TrajectoryStore(connect(url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+    store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
     store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
     trainer, rollouts = _launch_workers(cfg, model_path, url)
@@ -58,10 +58,29 @@ def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) ->
             step_seconds = time.monotonic() - tic
             generated = store.incr("rollout_tokens", 0) - tokens_before
             record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)
+            record.update(_store_upkeep(store))
             writer.log_samples(result["ledger"])
             writer.log_step(record)
             progress.advance(record)
     ray.get([w.stop.remote() for w in rollouts], timeout=60)
+    store.release_retired()  # retention=checkpoint: the end of the run is the last checkpoint boundary
+
+
+def _store_upkeep(store) -> dict:
+    """Trim what every consumer is done with; the store's health as step metrics.
+
+    ``store_dead_letters`` counts entries taken out of a stage (bad payloads, too many
+    deliveries) since the start; ``store_put_wait_seconds`` is how long rollout workers have
+    waited on a full trajectories stream (back-pressure) since the start.
+    """
+    streams = (Streams.PROMPTS, Streams.TRAJECTORIES, Streams.DROPPED)
+    for stream in streams:
+        store.trim(stream)
+    return {
+        "store_dead_letters": sum(store.dead_letter_count(stream) for stream in streams),
+        "store_inflight_mb": store.inflight(Streams.TRAJECTORIES)[1] / 2**20,
+        "store_put_wait_seconds": store.incr("put_wait_ms", 0) / 1000,
+    }
 
 
 def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeout_s: float) -> dict:
@@ -163,6 +182,7 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "policy_version": scheduler.version,
         "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
         "reward_failed": len(result["ledger"]) - len(rewards),
+        **_component_means(result["ledger"]),
         "staleness_max": max(result["staleness"]),
         "staleness_mean": sum(result["staleness"]) / len(result["staleness"]),
         # Trained samples so far by staleness, e.g. {"0": 40, "1": 24}: the bound's whole history.
@@ -179,3 +199,12 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
             k: result[k] for k in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "lr") if k in result
         },
     }
+
+
+def _component_means(ledger: list[dict]) -> dict[str, float]:
+    """``reward/<name>``: the mean of each reward component over the samples that computed it."""
+    values: dict[str, list[float]] = {}
+    for row in ledger:
+        for name, value in (row.get("reward_components") or {}).items():
+            values.setdefault(name, []).append(value)
+    return {f"reward/{name}": sum(parts) / len(parts) for name, parts in sorted(values.items())}

@@ -30,6 +30,8 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("version_end", pa.int32()),
         pa.field("reward", pa.float32()),
         pa.field("reward_failed", pa.bool_()),
+        # Named parts of the reward (asyncrl.rewards.interface); empty for a plain float reward, null from older writers.
+        pa.field("reward_components", pa.map_(pa.string(), pa.float32())),
         pa.field("finish_reason", pa.string()),
         pa.field("worker_id", pa.string()),
         pa.field("gen_seconds", pa.float32()),

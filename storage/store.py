@@ -375,6 +375,15 @@ class TrajectoryStore:
                 usable.append(record)
         return self._load(stream, group, usable, columns, expect, deliveries)
 
+    def touch(self, stream: str, group: str, consumer: str, ids: Iterable[str]) -> int:
+        """Reset the idle time of entries ``consumer`` still holds, so ``claim_stale`` does not take
+        them from a consumer that is alive but slow; returns how many it still holds."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        held = self.client.xclaim(self.key(stream), group, consumer, 0, ids, justid=True)
+        return len(held)
+
     def _deliveries(self, stream_key: str, group: str, ids: list[str]) -> dict[str, int]:
         if not ids:
             return {}
@@ -397,6 +406,10 @@ class TrajectoryStore:
                 "store: entry %s of %s (group %s) moved to the dead-letter stream: %s", entry_id, stream, group, reason
             )
         return moved is not None
+
+    def dead_letter_count(self, stream: str) -> int:
+        """Entries of ``stream`` moved to its dead-letter stream so far."""
+        return int(self.client.xlen(self.key(stream) + DEAD_SUFFIX))
 
     def dead_letters(self, stream: str, count: int = 1000) -> list[DeadLetter]:
         """The first ``count`` entries of ``stream``'s dead-letter stream."""
@@ -479,6 +492,8 @@ class TrajectoryStore:
         stream without groups is left as it is.
         """
         stream_key = self.key(stream)
+        if not self.client.exists(stream_key):
+            return 0
         groups = self.client.xinfo_groups(stream_key)
         if not groups:
             return 0

@@ -1,12 +1,33 @@
-"""Trajectory rows (Arrow, ``TRAJECTORY_SCHEMA``) to the padded tensors one training micro-batch needs."""
+"""Trajectory rows (Arrow, ``TRAJECTORY_SCHEMA``) to advantages and the padded tensors one micro-batch needs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from asyncrl.algorithms import grpo_advantages
+from asyncrl.algorithms.group_filter import group_keep_mask
+from asyncrl.algorithms.overlong import overlong_penalty
+from asyncrl.algorithms.registry import BATCH_SCOPED_ADVANTAGES, get_advantage
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Scoring:
+    """How rewards become advantages; ``trainers.worker.build_scoring`` makes it from the config."""
+
+    advantage: str = "grpo"
+    """Estimator name in ``asyncrl.algorithms.registry.ADVANTAGES``."""
+    max_response_len: int = 0
+    """``rollout.max_new_tokens``, the length the overlong penalty counts towards."""
+    overlong_buffer: int = 0
+    """Tokens before ``max_response_len`` over which the overlong penalty grows; 0 is off."""
+    overlong_penalty: float = 1.0
+    """The penalty at ``max_response_len`` tokens."""
+    filter_equal_groups: bool = False
+    """``GroupScorer`` drops groups whose rewards are all equal."""
 
 
 def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
@@ -20,7 +41,10 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     - ``behavior_logprobs`` ``[B, L]`` float32, each response token's sampling log-prob at that
       token's position (the alignment of ``asyncrl.algorithms.sequence_logprobs``), 0 elsewhere;
     - ``advantages`` ``[B]`` float32: the table's ``advantages`` column when it has one (see
-      ``with_advantages``), else GRPO advantages over these rows' ``group_id`` and ``reward``.
+      ``with_advantages``), else GRPO advantages over these rows' ``group_id`` and ``reward``;
+    - ``ref_logprobs`` ``[B, L]`` float32, aligned as ``behavior_logprobs``, only when the table
+      has that column (the loss then adds the KL to the reference). No stage writes it yet:
+      the pipeline has no reference model.
 
     Without an ``advantages`` column a group's statistics come from the rows of this table only,
     so the rows of a group must arrive together; a trainer that splits groups across
@@ -31,6 +55,7 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     prompts = table.column("prompt_ids").to_pylist()
     responses = table.column("response_ids").to_pylist()
     behavior = table.column("behavior_logprobs").to_pylist()
+    reference = table.column("ref_logprobs").to_pylist() if "ref_logprobs" in table.column_names else None
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     batch_size, max_len = table.num_rows, max(lengths)
 
@@ -38,6 +63,7 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     attention_mask = torch.zeros((batch_size, max_len), dtype=torch.int64)
     response_mask = torch.zeros((batch_size, max_len), dtype=torch.float32)
     behavior_logprobs = torch.zeros((batch_size, max_len), dtype=torch.float32)
+    ref_logprobs = torch.zeros((batch_size, max_len), dtype=torch.float32)
     sample_ids = table.column("sample_id").to_pylist()
     for row, (prompt, response, logprobs) in enumerate(zip(prompts, responses, behavior, strict=True)):
         if len(logprobs) != len(response):
@@ -49,32 +75,104 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
         attention_mask[row, :end] = 1
         response_mask[row, start:end] = 1.0
         behavior_logprobs[row, start:end] = torch.tensor(logprobs, dtype=torch.float32)
+        if reference is not None:
+            if len(reference[row]) != len(response):
+                raise ValueError(
+                    f"trajectory {sample_ids[row]!r}: {len(reference[row])} ref_logprobs "
+                    f"for {len(response)} response tokens"
+                )
+            ref_logprobs[row, start:end] = torch.tensor(reference[row], dtype=torch.float32)
 
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
         "behavior_logprobs": behavior_logprobs,
         "advantages": _column_or_grpo_advantages(table),
     }
+    if reference is not None:
+        batch["ref_logprobs"] = ref_logprobs
+    return batch
 
 
-def with_advantages(table: pa.Table) -> pa.Table:
+def with_advantages(table: pa.Table, scoring: Scoring | None = None) -> pa.Table:
     """``table`` plus a float32 ``advantages`` column (one per row, replacing any old one).
 
-    GRPO over the rows' ``group_id`` and ``reward``, so pass whole groups. A row with
-    ``reward_failed`` (or a null reward) is left out of its group's statistics and gets
-    advantage 0: it still passes through the model but moves no weight.
+    The estimator ``scoring.advantage`` (default GRPO) over the rows' ``group_id`` and ``reward``,
+    so pass whole groups (every group of the step for a batch-scoped estimator, see
+    ``GroupScorer``). With an overlong buffer, each reward first gets DAPO's length penalty
+    (``overlong_penalty`` of the response's token count); the ``reward`` column keeps the task
+    reward, so the ledger and the logged reward stay the task's. A row with
+    ``reward_failed`` (or a null reward) is left out of the statistics and gets advantage 0:
+    it still passes through the model but moves no weight.
     """
-    values = pa.array(_grpo_advantages(table).tolist(), type=pa.float32())
+    values = pa.array(_advantages(table, scoring or Scoring()).tolist(), type=pa.float32())
     if "advantages" in table.column_names:
         return table.set_column(table.column_names.index("advantages"), "advantages", values)
     return table.append_column("advantages", values)
 
 
+def split_groups(table: pa.Table) -> list[pa.Table]:
+    """The groups of ``table`` (rows sharing a ``group_id``), in order of first appearance."""
+    group_ids = table.column("group_id").to_pylist()
+    if len(set(group_ids)) <= 1:
+        return [table]
+    order = list(dict.fromkeys(group_ids))
+    return [table.filter(pc.equal(table.column("group_id"), group_id)) for group_id in order]
+
+
+def varied_groups(table: pa.Table) -> pa.Table:
+    """The rows of the groups whose valid rewards are not all equal (DAPO's dynamic-sampling filter).
+
+    A group with fewer than two valid rewards has no spread either and is dropped; a failed row
+    of a kept group stays (with advantage 0). The filter looks at the task reward, before any
+    overlong penalty: a group that is all right or all wrong is dropped whatever its lengths.
+    """
+    valid, rewards, groups = _valid_rewards(table)
+    kept_groups = set(groups[valid][group_keep_mask(rewards, groups[valid])].tolist())
+    keep = [int(code) in kept_groups for code in groups.tolist()]
+    return table.filter(pa.array(keep, type=pa.bool_()))
+
+
+class GroupScorer:
+    """Turns one optimizer step's incoming groups into tables with an ``advantages`` column.
+
+    Consumes whole groups (one store entry each) through ``accept``; ``ready`` hands back the
+    scored tables that may be trained now. A group-scoped estimator scores each group as it
+    arrives, so training overlaps the wait for the rest of the batch. A batch-scoped one
+    (REINFORCE++) needs the whole batch's statistics: it holds every group until
+    ``samples_per_step`` rows are in, then scores them together.
+    """
+
+    def __init__(self, scoring: Scoring, samples_per_step: int) -> None:
+        self.scoring = scoring
+        self.samples_per_step = samples_per_step
+        self._batch_scoped = scoring.advantage in BATCH_SCOPED_ADVANTAGES
+        self._held: list[pa.Table] = []
+
+    def accept(self, group: pa.Table) -> bool:
+        """Hold ``group`` for scoring; False, holding nothing, when the equal-reward filter drops it."""
+        if self.scoring.filter_equal_groups:
+            group = varied_groups(group)
+            if group.num_rows == 0:
+                return False
+        self._held.append(group)
+        return True
+
+    def ready(self) -> list[pa.Table]:
+        """The held groups, scored, as soon as their estimator may score them (then no longer held)."""
+        held_rows = sum(table.num_rows for table in self._held)
+        if not self._held or (self._batch_scoped and held_rows < self.samples_per_step):
+            return []
+        held, self._held = self._held, []
+        if self._batch_scoped:
+            return [with_advantages(pa.concat_tables(held), self.scoring)]
+        return [with_advantages(group, self.scoring) for group in held]
+
+
 def _column_or_grpo_advantages(table: pa.Table) -> Tensor:
     if "advantages" not in table.column_names:
-        return _grpo_advantages(table)
+        return _advantages(table, Scoring())
     column = table.column("advantages")
     if not pa.types.is_floating(column.type):
         raise ValueError(f"the advantages column must hold one float per row, got {column.type}")
@@ -84,18 +182,27 @@ def _column_or_grpo_advantages(table: pa.Table) -> Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _grpo_advantages(table: pa.Table) -> Tensor:
+def _valid_rewards(table: pa.Table) -> tuple[Tensor, Tensor, Tensor]:
+    """``valid`` ``[B]`` bool (a reward that did not fail), those rows' rewards, and every row's group code."""
     rewards = table.column("reward").to_pylist()
     failed = (
         table.column("reward_failed").to_pylist() if "reward_failed" in table.column_names else [False] * len(rewards)
     )
     valid = [reward is not None and not bad for reward, bad in zip(rewards, failed, strict=True)]
     group_codes = table.column("group_id").combine_chunks().dictionary_encode().indices.to_pylist()
+    kept_rewards = torch.tensor([r for r, ok in zip(rewards, valid, strict=True) if ok], dtype=torch.float32)
+    return torch.tensor(valid, dtype=torch.bool), kept_rewards, torch.tensor(group_codes, dtype=torch.int64)
 
+
+def _advantages(table: pa.Table, scoring: Scoring) -> Tensor:
+    valid, rewards, groups = _valid_rewards(table)
     advantages = torch.zeros(table.num_rows, dtype=torch.float32)
-    keep = torch.tensor(valid, dtype=torch.bool)
-    if keep.any():
-        kept_rewards = torch.tensor([r for r, ok in zip(rewards, valid, strict=True) if ok], dtype=torch.float32)
-        kept_groups = torch.tensor(group_codes, dtype=torch.int64)[keep]
-        advantages[keep] = grpo_advantages(kept_rewards, kept_groups)
+    if not valid.any():
+        return advantages
+    if scoring.overlong_buffer > 0:
+        lengths = torch.tensor(pc.list_value_length(table.column("response_ids")).to_pylist())[valid]
+        rewards = rewards + overlong_penalty(
+            lengths, scoring.max_response_len, scoring.overlong_buffer, scoring.overlong_penalty
+        )
+    advantages[valid] = get_advantage(scoring.advantage)(rewards, groups[valid]).to(torch.float32)
     return advantages

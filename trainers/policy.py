@@ -1,4 +1,4 @@
-"""The policy trainer: a DeepSpeed engine around a transformers causal LM, trained with PPO-clip.
+"""The policy trainer: a DeepSpeed engine around a transformers causal LM, trained with a policy loss by name.
 
 One ``PolicyTrainer`` per trainer rank. The caller streams micro-batches (``trainers.batch.collate``
 output) into ``forward_backward`` and calls ``optimizer_step`` after ``grad_accum_steps`` of them;
@@ -14,6 +14,7 @@ persistent ``TORCH_EXTENSIONS_DIR`` (CI: cache that folder).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -22,7 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from asyncrl.algorithms import ppo_clip_loss, sequence_logprobs
+from asyncrl.algorithms.logprobs import sequence_logprobs
+from asyncrl.algorithms.loss import LossConfig, LossInputs
+from asyncrl.algorithms.registry import PROXIMAL_LOSSES, get_policy_loss
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -75,7 +80,11 @@ def init_distributed(backend: str) -> None:
 
 
 class PolicyTrainer:
-    """PPO-clip training of a causal LM in a DeepSpeed engine (ZeRO 0/1/2, fp32 or bf16)."""
+    """Policy-gradient training of a causal LM in a DeepSpeed engine (ZeRO 0/1/2, fp32 or bf16).
+
+    ``loss`` names a loss in ``asyncrl.algorithms.registry.POLICY_LOSSES`` and ``loss_config``
+    holds its settings (default: PPO-clip, symmetric 0.2, token mean).
+    """
 
     def __init__(
         self,
@@ -89,7 +98,8 @@ class PolicyTrainer:
         micro_batch_size: int = 8,
         grad_accum_steps: int = 1,
         temperature: float = 1.0,
-        clip_eps: float = 0.2,
+        loss: str = "ppo_clip",
+        loss_config: LossConfig | None = None,
         seed: int = 0,
     ) -> None:
         import deepspeed
@@ -102,7 +112,10 @@ class PolicyTrainer:
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         self.temperature = temperature
-        self.clip_eps = clip_eps
+        self.loss_fn = get_policy_loss(loss)
+        self.loss_config = loss_config or LossConfig()
+        self.needs_proximal = loss in PROXIMAL_LOSSES
+        self._warned_no_reference = False
         self.grad_accum_steps = grad_accum_steps
         self.zero_stage = zero_stage
         self.dtype = DTYPES[dtype]
@@ -147,18 +160,30 @@ class PolicyTrainer:
         return torch.nn.functional.pad(window, (length - keep, 0))
 
     def forward_backward(self, batch: dict[str, Tensor]) -> dict[str, float]:
-        """PPO-clip loss of one micro-batch and its backward; gradients accumulate until ``optimizer_step``."""
+        """The policy loss of one micro-batch and its backward; gradients accumulate until ``optimizer_step``.
+
+        A loss that needs the proximal policy (decoupled PPO) gets its log-probs from a no-grad
+        forward of this micro-batch just before the one with grad. That is the policy at the
+        start of the step for every micro-batch of the step: the weights change only in
+        ``optimizer_step``, which refuses to run before all ``grad_accum_steps`` micro-batches
+        are in, so the log-probs equal those of a pass over the whole batch before the first
+        backward. ``batch["ref_logprobs"]``, when present, feeds the KL to the reference.
+        """
         if self._micro_batches == self.grad_accum_steps:
             raise RuntimeError(f"{self.grad_accum_steps} micro-batches are accumulated: call optimizer_step() first")
+        proximal = self._no_grad_logprobs(batch) if self.needs_proximal else None
+        self._warn_if_no_reference(batch)
         self.engine.train()
-        logprobs = self._forward_logprobs(batch)
-        loss, metrics = ppo_clip_loss(
-            logprobs,
-            batch["behavior_logprobs"].to(self.device),
-            batch["advantages"].to(self.device),
-            batch["response_mask"].to(self.device),
-            self.clip_eps,
+        reference = batch.get("ref_logprobs")
+        inputs = LossInputs(
+            logprobs=self._forward_logprobs(batch),
+            behavior_logprobs=batch["behavior_logprobs"].to(self.device),
+            advantages=batch["advantages"].to(self.device),
+            mask=batch["response_mask"].to(self.device),
+            proximal_logprobs=proximal,
+            ref_logprobs=None if reference is None else reference.to(self.device),
         )
+        loss, metrics = self.loss_fn(inputs, self.loss_config)
         # engine.backward divides the loss by gradient_accumulation_steps, so the accumulated
         # gradient is the mean over the global batch's micro-batches of each micro-batch's
         # token-mean loss. That is why optimizer_step insists on exactly grad_accum_steps of them.
@@ -194,14 +219,26 @@ class PolicyTrainer:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
-    @torch.no_grad()
     def logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-token log-probs ``[B, L]`` (CPU, float32) of the response tokens, 0 elsewhere; no grad."""
+        return self._no_grad_logprobs(batch).cpu()
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         self.engine.eval()
         try:
-            return self._forward_logprobs(batch).cpu()
+            return self._forward_logprobs(batch)
         finally:
             self.engine.train()
+
+    def _warn_if_no_reference(self, batch: dict[str, Tensor]) -> None:
+        # A KL weight that silently does nothing would read as a tuned-but-ineffective setting.
+        if self.loss_config.kl_coef > 0 and "ref_logprobs" not in batch and not self._warned_no_reference:
+            log.warning(
+                "kl_coef=%s but the batch has no ref_logprobs (no reference model stage): KL term skipped",
+                self.loss_config.kl_coef,
+            )
+            self._warned_no_reference = True
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """Every weight under its Hugging Face checkpoint name, as a detached CPU copy.

@@ -1,29 +1,35 @@
 """TrainerWorker: a DeepSpeed policy that streams scored groups from the store into optimizer steps.
 
 One ``train_step`` call is one optimizer step: it pulls groups as soon as they are in the store,
-drops those over the staleness bound, runs forward/backward per micro-batch as rows arrive, and
-steps when the global batch is complete. Entries are acknowledged only after the step, so a
+drops those over the staleness bound (and, with ``trainer.filter_equal_groups``, those whose
+rewards are all equal), scores advantages, runs forward/backward per micro-batch as rows arrive,
+and steps when the global batch is complete. Entries are acknowledged only after the step, so a
 trainer that dies mid-step leaves them pending for a successor.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from asyncrl.config import Config
+from asyncrl.config import Config, ConfigError
 from asyncrl.scheduler import is_stale, staleness
-from asyncrl.types import Groups, Streams
+from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams
+
+if TYPE_CHECKING:  # both import torch, which the controller process never loads
+    from asyncrl.algorithms.loss import LossConfig
+    from trainers.batch import Scoring
 
 
 class TrainerWorker:
     def __init__(self, cfg: Config, model_path: str, store_url: str) -> None:
-        from storage import TrajectoryStore, connect
+        from storage import TrajectoryStore
         from trainers.policy import PolicyTrainer
 
         self.cfg = cfg
-        self.store = TrajectoryStore(connect(store_url, cfg.store.timeout_s), cfg.run.name, cfg.store.timeout_s)
+        self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
         tc = cfg.trainer
         self.policy = PolicyTrainer(
@@ -36,15 +42,47 @@ class TrainerWorker:
             micro_batch_size=tc.micro_batch_size,
             grad_accum_steps=cfg.samples_per_step // tc.micro_batch_size,
             temperature=cfg.rollout.temperature,
-            clip_eps=tc.clip_eps,
+            loss=tc.loss,
+            loss_config=build_loss_config(cfg),
             seed=cfg.run.seed,
         )
+        self.scoring = build_scoring(cfg)
         from transformers import AutoTokenizer
 
         self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
+        self.carry: list[tuple[pa.Table, str]] = []  # groups read but not yet considered, with their entry id
+        self.entry_groups: dict[str, int] = {}  # entry id -> its groups not yet trained or dropped
 
     def ready(self) -> bool:
         return True
+
+    def _next_group(self) -> tuple[pa.Table, str] | None:
+        """The next group to consider, with the id of the store entry it came in.
+
+        An entry may hold several groups (``store.rows_per_message``); those this step does not
+        need wait in ``carry`` for the next one, and the entry is acknowledged only once every
+        group of it has been trained or dropped. Waits at most one bounded read for a new entry;
+        an entry whose payload is broken or of the wrong schema goes to the dead-letter stream.
+        """
+        from trainers.batch import split_groups
+
+        if not self.carry:
+            for entry in self.store.read(
+                Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=1, block_ms=500, expect=TRAJECTORY_SCHEMA
+            ):
+                groups = split_groups(entry.table)
+                self.entry_groups[entry.id] = len(groups)
+                self.carry.extend((group, entry.id) for group in groups)
+        return self.carry.pop(0) if self.carry else None
+
+    def _consumed(self, entry_id: str, finished: list[str]) -> None:
+        self.entry_groups[entry_id] -= 1
+        if self.entry_groups[entry_id] == 0:
+            del self.entry_groups[entry_id]
+            finished.append(entry_id)
+
+    def _report_dropped(self, group: pa.Table, meta: dict) -> None:
+        self.store.put(Streams.DROPPED, group.select(["prompt_id"]).slice(0, 1), meta)
 
     def weights(self) -> dict:
         """Full weights as numpy arrays (they travel through Ray's shared-memory object store)."""
@@ -55,32 +93,39 @@ class TrainerWorker:
 
         Unblocked by: rollout workers pushing groups. Fails after ``run.step_timeout_s``.
         """
-        from trainers.batch import collate, with_advantages
+        from trainers.batch import GroupScorer, collate
 
         cfg, started = self.cfg, time.monotonic()
         deadline = started + cfg.run.step_timeout_s
         needed, micro = cfg.samples_per_step, cfg.trainer.micro_batch_size
         pending: list[pa.Table] = []
-        entry_ids, ledger, stats = [], [], []
-        trained = 0
+        scorer = GroupScorer(self.scoring, needed)
+        finished_entries, ledger, stats = [], [], []
+        trained = accepted = filtered = 0
         compute_seconds = 0.0
         while trained < needed:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer waited {cfg.run.step_timeout_s}s for {needed} samples, got {trained}")
-            for entry in self.store.read(Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=1, block_ms=500):
-                entry_ids.append(entry.id)
-                group = entry.table
+            taken = self._next_group() if accepted < needed else None
+            if taken is not None:
+                group, entry_id = taken
+                self._consumed(entry_id, finished_entries)
                 version_start = min(group.column("version_start").to_pylist())
                 if is_stale(version, version_start, cfg.scheduler.max_staleness):
-                    self.store.put(
-                        Streams.DROPPED, group.select(["prompt_id"]).slice(0, 1), {"version_start": version_start}
-                    )
+                    self._report_dropped(group, {"version_start": version_start})
                     continue
-                pending.append(with_advantages(group))
-                for row in group.select(
-                    ["sample_id", "version_start", "version_end", "reward", "reward_failed", "worker_id"]
-                ).to_pylist():
-                    ledger.append({**row, "trained_at_version": version})
+                if not scorer.accept(group):
+                    # Reported like a stale drop, so the controller frees the group's admission slot
+                    # and issues another prompt in its place (DAPO's dynamic sampling).
+                    self._report_dropped(group, {"version_start": version_start, "reason": "equal_rewards"})
+                    filtered += 1
+                    continue
+                accepted += group.num_rows
+                pending.extend(scorer.ready())
+                columns = ["sample_id", "version_start", "version_end", "reward", "reward_failed", "reward_components"]
+                for row in group.select([*columns, "worker_id"]).to_pylist():
+                    components = dict(row.pop("reward_components") or ())  # an Arrow map reads as (key, value) pairs
+                    ledger.append({**row, "reward_components": components, "trained_at_version": version})
             while _rows(pending) >= micro or (pending and trained + _rows(pending) == needed):
                 batch_table, pending = _split(pending, micro)
                 tic = time.monotonic()
@@ -90,18 +135,57 @@ class TrainerWorker:
         tic = time.monotonic()
         step_stats = self.policy.optimizer_step()
         compute_seconds += time.monotonic() - tic
-        self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, entry_ids)
+        self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, finished_entries)
         tokens = sum(micro_stats.pop("tokens") for micro_stats in stats)  # the rest are per-micro-batch means
         return {
             "ledger": ledger,
             "staleness": [staleness(version, row["version_start"]) for row in ledger],
             "samples": trained,
+            "filtered_groups": filtered,
             "tokens": int(tokens),
             "compute_seconds": compute_seconds,
             "wait_seconds": time.monotonic() - started - compute_seconds,
             **step_stats,
             **{key: sum(s[key] for s in stats) / len(stats) for key in stats[0]},
         }
+
+
+def build_loss_config(cfg: Config) -> LossConfig:
+    """The policy loss's settings from ``cfg.trainer``; an unset clip side takes ``trainer.clip_eps``."""
+    from asyncrl.algorithms.loss import LossConfig
+
+    tc = cfg.trainer
+    return LossConfig(
+        clip_eps_low=tc.clip_eps if tc.clip_eps_low is None else tc.clip_eps_low,
+        clip_eps_high=tc.clip_eps if tc.clip_eps_high is None else tc.clip_eps_high,
+        dual_clip=tc.dual_clip,
+        loss_agg=tc.loss_agg,
+        max_response_len=cfg.rollout.max_new_tokens,
+        tis_cap=tc.tis_cap,
+        ratio_band_low=tc.ratio_band_low,
+        ratio_band_high=tc.ratio_band_high,
+        kl_coef=tc.kl_coef,
+        kl_estimator=tc.kl_estimator,
+    )
+
+
+def build_scoring(cfg: Config) -> Scoring:
+    """How rewards become advantages, from ``cfg.trainer``; overlong lengths count to ``rollout.max_new_tokens``."""
+    from trainers.batch import Scoring
+
+    tc = cfg.trainer
+    if tc.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"trainer.overlong_buffer ({tc.overlong_buffer}) must be <= rollout.max_new_tokens "
+            f"({cfg.rollout.max_new_tokens}): the penalty grows over the last overlong_buffer tokens"
+        )
+    return Scoring(
+        advantage=tc.advantage,
+        max_response_len=cfg.rollout.max_new_tokens,
+        overlong_buffer=tc.overlong_buffer,
+        overlong_penalty=tc.overlong_penalty,
+        filter_equal_groups=tc.filter_equal_groups,
+    )
 
 
 def _rows(tables: list[pa.Table]) -> int:

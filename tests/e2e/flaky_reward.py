@@ -10,3 +10,9 @@ def flaky_reward(prompt: str, response: str, *, answer: str, **_: object) -> flo
     if len(response) % 3 == 0:
         return math.nan
     return 1.0
+
+
+def flaky_components(prompt: str, response: str, *, answer: str, **_: object) -> dict[str, float]:
+    """``flaky_reward`` as the total, plus the response's length as a component (the file must stay self-contained:
+    the end-to-end test copies it out of the repository and names it by path)."""
+    return {"total": flaky_reward(prompt, response, answer=answer), "length": float(len(response))}

@@ -43,3 +43,23 @@ def test_bench_rollout_refuses_a_device_the_installed_vllm_does_not_run_on():
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "--device cuda" in proc.stderr
+
+
+STORE_RATIO_LINE = re.compile(r"^store ratio \(ours/raw Redis\): (\d+\.\d+)$")
+
+
+@pytest.mark.slow
+def test_bench_store_measures_every_side_and_prints_the_ratio_last():
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "bench", "store", "--trajectories", "400", "--prompt-tokens", "64",
+         "--response-tokens", "64", "--rows", "32", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    match = STORE_RATIO_LINE.match(lines[-1])
+    assert match, proc.stdout
+    assert float(match.group(1)) > 0
+    for side in ("ours (TrajectoryStore)", "raw redis SET/GET", "ray object-store queue", "in-process copy"):
+        assert any(line.startswith(side) for line in lines), (side, proc.stdout)
+    assert "400 trajectories" in proc.stdout and "redis-server" in proc.stdout

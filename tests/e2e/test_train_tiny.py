@@ -1,6 +1,7 @@
 """A real 3-step asynchronous run on the tiny model: vLLM, DeepSpeed, Redis and Ray all real."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ def test_three_steps_with_staleness_one(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet",
-         f"run.dir={run_dir}", "run.steps=3", "scheduler.max_staleness=1"],
+         f"run.dir={run_dir}", "run.steps=3", "scheduler.max_staleness=1",
+         "store.rows_per_message=8", "store.appendonly=true"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -43,6 +45,14 @@ def test_three_steps_with_staleness_one(tmp_path):
     # The embedded redis-server (its log lines start with its pid) was stopped with the run.
     server_pid = int((run_dir / "redis" / "redis.log").read_text().split(":", 1)[0])
     assert not Path(f"/proc/{server_pid}").exists()
+    # Two groups per Arrow message, none lost to the dead-letter stream; the AOF it left is inspectable.
+    assert all(m["store_dead_letters"] == 0 for m in metrics)
+    stats = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "store", "stats", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert stats.returncode == 0, stats.stderr
+    assert "AOF data" in stats.stdout and "trajectories" in stats.stdout
 
 
 @pytest.mark.slow
@@ -62,11 +72,17 @@ def test_synchronous_run_with_two_rollout_workers(tmp_path):
 
 @pytest.mark.slow
 def test_failing_reward_marks_samples_failed_and_the_run_goes_on(tmp_path):
-    """A reward that raises or returns NaN on some samples: those are counted failed, none is lost."""
+    """A user's reward file outside the package, named by path, that raises or returns NaN on some samples.
+
+    Those samples are counted failed and none is lost; its dict's other entry is recorded as a component.
+    """
+    user_file = tmp_path / "elsewhere" / "my_rewards.py"
+    user_file.parent.mkdir()
+    shutil.copy(ROOT / "tests" / "e2e" / "flaky_reward.py", user_file)
     run_dir = tmp_path / "flaky"
     proc = subprocess.run(
         [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
-         "run.steps=2", "reward.fn=tests.e2e.flaky_reward:flaky_reward"],
+         "run.steps=2", f"reward.fn={user_file}:flaky_components"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -77,3 +93,11 @@ def test_failing_reward_marks_samples_failed_and_the_run_goes_on(tmp_path):
     assert failed and len(failed) < len(ledger)  # the tiny model's responses vary in length
     assert sum(m["reward_failed"] for m in metrics) == len(failed)
     assert all(m["reward_mean"] == 1.0 for m in metrics)  # failed samples do not drag the mean
+    assert all(row["reward_components"] == {} for row in failed)
+    assert all(set(row["reward_components"]) == {"length"} for row in ledger if not row["reward_failed"])
+    for version, record in enumerate(metrics):  # per-component means over the step's samples that computed them
+        rows = [row for row in ledger if row["trained_at_version"] == version and not row["reward_failed"]]
+        assert ("reward/length" in record) == bool(rows)
+        if rows:
+            mean = sum(row["reward_components"]["length"] for row in rows) / len(rows)
+            assert record["reward/length"] == pytest.approx(mean)

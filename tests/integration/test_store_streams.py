@@ -235,3 +235,17 @@ def test_every_key_of_a_run_is_in_one_cluster_slot(store: TrajectoryStore) -> No
 
     assert len(keys) >= 5
     assert len({key_slot(key.encode()) for key in keys}) == 1
+
+
+def test_touch_keeps_a_slow_but_alive_consumer_s_entries(store: TrajectoryStore) -> None:
+    store.ensure_group(STREAM, GROUP)
+    store.put(STREAM, batch(prefix="slow"))
+    store.put(STREAM, batch(prefix="dead"))
+    slow, dead = store.read(STREAM, GROUP, "slow", count=1) + store.read(STREAM, GROUP, "dead", count=1)
+    time.sleep(0.25)
+
+    assert store.touch(STREAM, GROUP, "slow", [slow.id]) == 1
+    claimed = store.claim_stale(STREAM, GROUP, "survivor", min_idle_ms=200)
+
+    assert [entry.id for entry in claimed] == [dead.id]
+    assert store.ack(STREAM, GROUP, [slow.id]) == 1  # still the slow consumer's to finish

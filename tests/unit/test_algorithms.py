@@ -145,3 +145,13 @@ def test_grpo_advantages_sum_to_zero_in_every_group(samples: list[tuple[int, flo
         assert abs(in_group.sum().item()) <= 1e-3 * len(in_group)
         # standardised: no |advantage| exceeds (n - 1) / sqrt(n) for a group of n
         assert in_group.abs().max().item() <= (len(in_group) - 1) / math.sqrt(len(in_group)) + 1e-3
+
+
+def test_package_reexports_load_lazily_and_reject_unknown_names() -> None:
+    import asyncrl.algorithms as algorithms
+    from asyncrl.algorithms.grpo import grpo_advantages as module_grpo
+
+    assert algorithms.grpo_advantages is module_grpo
+    assert {"grpo_advantages", "ppo_clip_loss", "sequence_logprobs"} <= set(algorithms.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        _ = algorithms.nope

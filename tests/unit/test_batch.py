@@ -8,7 +8,7 @@ import torch
 
 from asyncrl.algorithms import grpo_advantages
 from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows
-from trainers.batch import collate, with_advantages
+from trainers.batch import GroupScorer, Scoring, collate, varied_groups, with_advantages
 
 PAD = 99
 
@@ -122,3 +122,113 @@ def test_with_advantages_keeps_group_statistics_when_a_group_is_split_across_mic
     assert not torch.allclose(collate(_table(rows[:2]), pad_id=PAD)["advantages"], whole[:2])
     # a second with_advantages replaces the column rather than adding another
     assert with_advantages(scored).column_names.count("advantages") == 1
+
+
+def test_with_advantages_uses_the_named_estimator_and_skips_failed_rows() -> None:
+    rows = [
+        _row("a0", "a", [1], [2], reward=3.0),
+        _row("a1", "a", [1], [3], reward=1.0),
+        _row("a2", "a", [1], [4], reward=1000.0, failed=True),
+        _row("a3", "a", [1], [5], reward=2.0),
+    ]
+
+    scored = with_advantages(_table(rows), Scoring(advantage="rloo"))
+
+    # RLOO over the valid rewards 3, 1, 2: 3 - 1.5 = 1.5, 1 - 2.5 = -1.5, 2 - 2 = 0; the failed row 0
+    assert scored.column("advantages").to_pylist() == pytest.approx([1.5, -1.5, 0.0, 0.0])
+
+
+def test_with_advantages_applies_the_overlong_penalty_to_the_reward_only_for_scoring() -> None:
+    rows = [
+        _row("a0", "a", [1], [2] * 4, reward=1.0),
+        _row("a1", "a", [1], [2] * 9, reward=1.0),
+    ]
+    scoring = Scoring(advantage="dr_grpo", max_response_len=10, overlong_buffer=4)
+
+    scored = with_advantages(_table(rows), scoring)
+
+    # free up to 10 - 4 = 6 tokens: 4 tokens -> 0, 9 tokens -> -(9 - 6) / 4 = -0.75
+    # shaped rewards 1 and 0.25, mean 0.625 -> Dr. GRPO advantages 0.375 and -0.375
+    assert scored.column("advantages").to_pylist() == pytest.approx([0.375, -0.375])
+    assert scored.column("reward").to_pylist() == [1.0, 1.0]  # the task reward is what gets logged
+    # without the penalty the two equal rewards carry no signal
+    assert with_advantages(_table(rows), Scoring(advantage="dr_grpo")).column("advantages").to_pylist() == [0.0, 0.0]
+
+
+def test_varied_groups_drops_groups_whose_valid_rewards_are_all_equal() -> None:
+    table = _table(
+        [
+            _row("a0", "a", [1], [2], reward=1.0),
+            _row("a1", "a", [1], [3], reward=0.0),
+            _row("a2", "a", [1], [4], reward=0.0, failed=True),  # stays with its kept group
+            _row("b0", "b", [1], [2], reward=1.0),
+            _row("b1", "b", [1], [3], reward=1.0),
+            _row("c0", "c", [1], [2], reward=2.0),
+            _row("c1", "c", [1], [3], reward=5.0, failed=True),  # one valid reward: no spread
+        ]
+    )
+
+    kept = varied_groups(table)
+
+    assert kept.column("sample_id").to_pylist() == ["a0", "a1", "a2"]
+    # the filter looks at the task reward: lengths that the overlong penalty would separate do not count
+    same_reward = _table([_row("d0", "d", [1], [2] * 4, reward=1.0), _row("d1", "d", [1], [2] * 9, reward=1.0)])
+    assert varied_groups(same_reward).num_rows == 0
+
+
+def test_group_scorer_scores_each_group_as_it_arrives() -> None:
+    scorer = GroupScorer(Scoring(), samples_per_step=4)
+    group = _table([_row("a0", "a", [1], [2], reward=1.0), _row("a1", "a", [1], [3], reward=0.0)])
+
+    assert scorer.accept(group)
+    ready = scorer.ready()
+
+    assert len(ready) == 1
+    assert ready[0].column("advantages").to_pylist() == with_advantages(group).column("advantages").to_pylist()
+    assert scorer.ready() == []  # handed out once
+
+
+def test_group_scorer_holds_a_batch_scoped_estimator_until_the_batch_is_complete() -> None:
+    scorer = GroupScorer(Scoring(advantage="reinforce_pp"), samples_per_step=4)
+    first = _table([_row("a0", "a", [1], [2], reward=2.0), _row("a1", "a", [1], [3], reward=2.0)])
+    second = _table([_row("b0", "b", [1], [2], reward=0.0), _row("b1", "b", [1], [3], reward=1.0)])
+
+    assert scorer.accept(first) and scorer.ready() == []
+    assert scorer.accept(second)
+    ready = scorer.ready()
+
+    # REINFORCE++ over the 4 rewards 2 2 0 1: mean 1.25, std 0.957427 (see test_advantages)
+    assert len(ready) == 1 and ready[0].num_rows == 4
+    assert ready[0].column("advantages").to_pylist() == pytest.approx(
+        [0.783349, 0.783349, -1.305582, -0.261116], rel=1e-5
+    )
+
+
+def test_group_scorer_filters_equal_reward_groups_when_asked() -> None:
+    equal = _table([_row("a0", "a", [1], [2], reward=1.0), _row("a1", "a", [1], [3], reward=1.0)])
+    varied = _table([_row("b0", "b", [1], [2], reward=1.0), _row("b1", "b", [1], [3], reward=0.0)])
+
+    filtering = GroupScorer(Scoring(filter_equal_groups=True), samples_per_step=4)
+    assert not filtering.accept(equal)
+    assert filtering.ready() == []
+    assert filtering.accept(varied)
+    assert [t.column("sample_id").to_pylist() for t in filtering.ready()] == [["b0", "b1"]]
+
+    keeping = GroupScorer(Scoring(), samples_per_step=4)
+    assert keeping.accept(equal)
+    assert keeping.ready()[0].column("advantages").to_pylist() == [0.0, 0.0]
+
+
+def test_collate_aligns_ref_logprobs_when_the_table_has_them() -> None:
+    table = _table([_row("a0", "a", [1, 2], [3, 4], reward=1.0), _row("a1", "a", [1], [5], reward=0.0)])
+    assert "ref_logprobs" not in collate(table, pad_id=PAD)
+
+    with_ref = table.append_column("ref_logprobs", pa.array([[-0.25, -0.75], [-1.25]], type=pa.list_(pa.float32())))
+    batch = collate(with_ref, pad_id=PAD)
+
+    # aligned as behavior_logprobs: response token i at the position of that token
+    assert batch["ref_logprobs"].tolist() == [[0.0, 0.0, -0.25, -0.75], [0.0, -1.25, 0.0, 0.0]]
+
+    bad = table.append_column("ref_logprobs", pa.array([[-0.25], [-1.25]], type=pa.list_(pa.float32())))
+    with pytest.raises(ValueError, match="'a0': 1 ref_logprobs for 2 response tokens"):
+        collate(bad, pad_id=PAD)

@@ -60,3 +60,82 @@ def test_resolved_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainer.advantage=ppo", "trainer.advantage must be one of grpo, dr_grpo, rloo, reinforce_pp; got 'ppo'"),
+        ("trainer.loss=grpo", "trainer.loss must be one of ppo_clip, decoupled_ppo, tis, ratio_mask; got 'grpo'"),
+        ("trainer.loss_agg=mean", "trainer.loss_agg must be one of token_mean, seq_mean_token_sum, "),
+        ("trainer.kl_estimator=k4", "trainer.kl_estimator must be one of k1, k2, k3; got 'k4'"),
+        ("trainer.clip_eps_low=1.0", "trainer.clip_eps_low must be in (0, 1), got 1.0"),
+        ("trainer.clip_eps_low=0", "trainer.clip_eps_low must be in (0, 1), got 0"),
+        ("trainer.clip_eps_high=-0.1", "trainer.clip_eps_high must be > 0, got -0.1"),
+        ("trainer.dual_clip=0.5", "trainer.dual_clip must be 0 (off) or > 1, got 0.5"),
+        ("trainer.tis_cap=0.5", "trainer.tis_cap must be 0 (no truncation) or >= 1"),
+        ("trainer.ratio_band_low=1.5", "trainer.ratio_band_low and trainer.ratio_band_high must satisfy"),
+        ("trainer.ratio_band_high=0.9", "trainer.ratio_band_low and trainer.ratio_band_high must satisfy"),
+        ("trainer.kl_coef=-0.1", "trainer.kl_coef must be >= 0 (0 is off), got -0.1"),
+        ("trainer.overlong_buffer=-1", "trainer.overlong_buffer must be >= 0 (0 is off), got -1"),
+        ("trainer.overlong_penalty=0", "trainer.overlong_penalty must be > 0, got 0"),
+        ("trainer.filter_equal_groups=maybe", "trainer.filter_equal_groups"),
+    ],
+)
+def test_bad_algorithm_settings_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert fragment in str(err.value)
+
+
+def test_algorithm_names_are_validated_against_the_registry():
+    from asyncrl.algorithms.registry import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+
+    for key, names in [
+        ("advantage", ADVANTAGES),
+        ("loss", POLICY_LOSSES),
+        ("loss_agg", LOSS_AGGREGATIONS),
+        ("kl_estimator", KL_ESTIMATORS),
+    ]:
+        for name in names:
+            assert getattr(load_config(None, [f"trainer.{key}={name}"]).trainer, key) == name
+
+
+def test_config_validation_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, asyncrl.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_default_trainer_builds_the_original_loss_and_scoring():
+    from asyncrl.algorithms.loss import LossConfig
+    from trainers.batch import Scoring
+    from trainers.worker import build_loss_config, build_scoring
+
+    cfg = load_config(CONFIGS / "tiny.yaml")
+
+    assert (cfg.trainer.advantage, cfg.trainer.loss) == ("grpo", "ppo_clip")
+    assert build_loss_config(cfg) == LossConfig(max_response_len=cfg.rollout.max_new_tokens)
+    assert build_scoring(cfg) == Scoring(max_response_len=cfg.rollout.max_new_tokens)
+
+
+def test_clip_eps_sets_both_sides_unless_one_is_given():
+    from trainers.worker import build_loss_config
+
+    symmetric = build_loss_config(load_config(None, ["trainer.clip_eps=0.3"]))
+    assert (symmetric.clip_eps_low, symmetric.clip_eps_high) == (0.3, 0.3)
+    higher = build_loss_config(load_config(None, ["trainer.clip_eps=0.2", "trainer.clip_eps_high=0.28"]))
+    assert (higher.clip_eps_low, higher.clip_eps_high) == (0.2, 0.28)
+    lower = build_loss_config(load_config(None, ["trainer.clip_eps_low=0.1"]))
+    assert (lower.clip_eps_low, lower.clip_eps_high) == (0.1, 0.2)
+
+
+def test_overlong_buffer_longer_than_the_responses_is_refused():
+    from trainers.worker import build_scoring
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["trainer.overlong_buffer=17"])  # rollout.max_new_tokens is 16
+    with pytest.raises(ConfigError, match=r"trainer.overlong_buffer \(17\) must be <= rollout.max_new_tokens \(16\)"):
+        build_scoring(cfg)
+    assert build_scoring(load_config(CONFIGS / "tiny.yaml", ["trainer.overlong_buffer=16"])).overlong_buffer == 16

@@ -1,23 +1,13 @@
-"""Reward functions and the fault boundary around them.
+"""Built-in reward functions: arithmetic, math answers, a format regex, and code run in the sandbox.
 
-A reward function is a plain callable ``fn(prompt, response, **metadata) -> float``; it is named
-in the config as ``package.module:function``. A function that raises or returns a non-finite
-value marks only that sample failed; the run goes on.
+Each is a plain ``fn(prompt, response, **metadata) -> float`` (see ``asyncrl.rewards.interface``).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import logging
-import math
 import re
-from collections.abc import Callable
 from fractions import Fraction
-
-log = logging.getLogger(__name__)
-
-RewardFn = Callable[..., float]
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _ONLY_NUMBER = re.compile(r"^\s*-?\d+(?:\.\d+)?\s*\.?\s*$")
@@ -132,6 +122,11 @@ def parse_answer(text: str) -> Fraction | None:
     return value
 
 
+def evaluate(expression: str) -> Fraction | None:
+    """Exact value of an arithmetic expression (``12*7``, ``2^{10}``, ``\\frac{1}{2}+1``), or None when it is not one."""
+    return _evaluate(_normalize(expression))
+
+
 def _normalize(text: str) -> str:
     text = _TEXT_BLOCK.sub("", text)
     for old, new in _LATEX_REPLACEMENTS:
@@ -217,32 +212,6 @@ def _atom(tokens: list[str]) -> tuple[Fraction, list[str]]:
     if token[0].isdigit() or token[0] == ".":
         return Fraction(token), tokens[1:]
     raise ValueError(f"unexpected {token!r}")
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import ``package.module:function``; a clear error names what is missing."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward.fn: cannot import module {module_name!r}: {err}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward.fn: {module_name!r} has no callable {attr!r}")
-    return fn
-
-
-def score(fn: RewardFn, prompt: str, response: str, metadata: dict) -> tuple[float, bool]:
-    """(reward, failed). The fault boundary: an exception or a non-finite value fails only this sample."""
-    try:
-        value = float(fn(prompt, response, **metadata))
-    except Exception as err:  # noqa: BLE001 - a user's reward code may raise anything
-        log.warning("reward function failed on one sample: %r", err)
-        return 0.0, True
-    if not math.isfinite(value):
-        log.warning("reward function returned %r; sample marked failed", value)
-        return 0.0, True
-    return value, False
 
 
 _PYTHON_BLOCK = re.compile(r"```(?:python|py)[^\n]*\n(.*?)```", re.DOTALL)
