@@ -1,14 +1,17 @@
 """Arrow IPC payloads made of column segments.
 
-A payload is one Redis hash. A segment is an Arrow IPC stream holding some of its columns:
-``put`` writes all the batch's columns as one segment (one IPC message is the cheapest to
-encode and decode), and every ``advance`` that adds columns (a reward, reference log-probs)
-writes them as a segment of their own, so the existing bytes are never rewritten. Fields:
+A payload is a small Redis hash plus one string key per segment. A segment is an Arrow IPC
+stream holding some of the batch's columns: ``put`` writes the batch as one segment (one IPC
+message is the cheapest to encode and decode, and a plain string value is what Redis reads off
+the socket without an extra copy), and every ``advance`` that adds columns (a reward, reference
+log-probs) writes them as a segment of their own, so the existing bytes are never rewritten.
 
-- ``s:<segment>``: the segment's IPC bytes;
-- ``r:<column>``: the segment holding that column (a reader fetches only what it asks for; the
-  field's presence is also what "column ready" means to a stage waiting for it);
-- ``columns``: the column names in the order they were put and appended, one per line.
+The hash holds:
+
+- ``columns``: the column names in the order they were put and appended, one per line (a
+  column listed there is what "ready" means to a stage waiting for it);
+- ``seg:<segment key>``: the names of the columns that segment holds, one per line (a reader
+  fetches only the segments of the columns it asks for; freeing the payload deletes them).
 """
 
 from __future__ import annotations
@@ -18,9 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-SEGMENT_PREFIX = b"s:"
-READY_PREFIX = b"r:"
 ORDER_FIELD = b"columns"
+SEGMENT_PREFIX = b"seg:"
 SEPARATOR = "\n"
 
 
@@ -28,118 +30,125 @@ class PayloadError(ValueError):
     """A payload that cannot be decoded, or that lacks or mistypes a column a reader asked for."""
 
 
-def ready_field(column: str) -> bytes:
-    return READY_PREFIX + column.encode()
+def segment_key(payload_key: str, segment: str) -> str:
+    return f"{payload_key}:s:{segment}"
 
 
 class IpcEncoder:
-    """Writes Arrow IPC streams into one reused buffer.
+    """Writes Arrow IPC streams into a reused buffer, one per thread.
 
     A fresh output buffer per batch costs more than the encoding itself: the allocator hands
     large blocks back to the OS on free, so each new one page-faults in again. The returned view
-    is valid until the next ``encode`` (the caller sends it before encoding the next batch).
+    is valid until the same thread's next ``encode`` (the caller sends it before encoding again).
     """
 
     def __init__(self) -> None:
-        self._scratch = bytearray()
-        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def encode(self, table: pa.Table) -> memoryview:
-        with self._lock:
-            while True:
-                sink = pa.FixedSizeBufferWriter(pa.py_buffer(self._scratch))
-                try:
-                    with pa.ipc.new_stream(sink, table.schema) as writer:
-                        writer.write_table(table)
-                    return memoryview(self._scratch)[: sink.tell()]
-                except (pa.ArrowInvalid, OSError, ValueError):
-                    # Too small for this batch: size it exactly, with room for the next ones.
-                    counter = pa.MockOutputStream()
-                    with pa.ipc.new_stream(counter, table.schema) as writer:
-                        writer.write_table(table)
-                    if counter.size() <= len(self._scratch):
-                        raise
-                    self._scratch = bytearray(2 * counter.size())
+        scratch = getattr(self._local, "scratch", bytearray())
+        while True:
+            sink = pa.FixedSizeBufferWriter(pa.py_buffer(scratch))
+            try:
+                with pa.ipc.new_stream(sink, table.schema) as writer:
+                    writer.write_table(table)
+                self._local.scratch = scratch
+                return memoryview(scratch)[: sink.tell()]
+            except (pa.ArrowInvalid, OSError, ValueError):
+                # Too small for this batch: size it exactly, with room for the next ones.
+                counter = pa.MockOutputStream()
+                with pa.ipc.new_stream(counter, table.schema) as writer:
+                    writer.write_table(table)
+                if counter.size() <= len(scratch):
+                    raise
+                scratch = bytearray(2 * counter.size())
 
 
-def segment_fields(table: pa.Table, segment: str, encoder: IpcEncoder) -> dict[bytes, bytes | memoryview]:
-    """The payload fields that store ``table``'s columns as segment ``segment`` (without ``columns``)."""
+def segment_field(table: pa.Table, key: str) -> tuple[bytes, bytes]:
+    """The hash field saying that ``table``'s columns live in the segment stored at ``key``."""
     for name in table.column_names:
         if not name or SEPARATOR in name:
             raise ValueError(f"column names must be non-empty and single-line, got {name!r}")
     if len(set(table.column_names)) != table.num_columns:
         raise ValueError(f"column names must be unique, got {table.column_names}")
-    segment_field = SEGMENT_PREFIX + segment.encode()
-    fields: dict[bytes, bytes | memoryview] = {segment_field: encoder.encode(table)}
-    fields.update({ready_field(name): segment_field for name in table.column_names})
-    return fields
+    return SEGMENT_PREFIX + key.encode(), joined(table.column_names)
 
 
-def column_order(names: Sequence[str]) -> bytes:
+def joined(names: Sequence[str]) -> bytes:
     return SEPARATOR.join(names).encode()
 
 
-def stored_names(fields: Mapping[bytes, bytes | None]) -> list[str]:
+def stored_names(layout: Mapping[bytes, bytes]) -> list[str]:
     """Column names of a payload, in the order they were put and appended."""
-    order = fields.get(ORDER_FIELD)
+    order = layout.get(ORDER_FIELD)
     if order is None:
         raise PayloadError("the payload has no column list")
     return order.decode().split(SEPARATOR)
 
 
+def column_segments(layout: Mapping[bytes, bytes]) -> dict[str, bytes]:
+    """``{column: key of the segment holding it}`` from a payload's hash."""
+    found: dict[str, bytes] = {}
+    for field, names in layout.items():
+        if field.startswith(SEGMENT_PREFIX):
+            key = field[len(SEGMENT_PREFIX) :]
+            found.update(dict.fromkeys(names.decode().split(SEPARATOR), key))
+    return found
+
+
+def needed_segments(layout: Mapping[bytes, bytes], names: Sequence[str]) -> list[bytes]:
+    """The keys of the segments holding ``names``; ``PayloadError`` names a column the payload lacks."""
+    where = column_segments(layout)
+    keys: dict[bytes, None] = {}
+    for name in names:
+        if name not in where:
+            raise PayloadError(f"the payload has no column {name!r}")
+        keys[where[name]] = None
+    return list(keys)
+
+
 def decode_columns(
-    fields: Mapping[bytes, bytes | None],
+    layout: Mapping[bytes, bytes],
+    segments: Mapping[bytes, bytes | None],
     names: Sequence[str],
     expect: pa.Schema | None = None,
 ) -> pa.Table:
-    """The table of columns ``names`` from a payload's ``fields`` (its ``r:`` and ``s:`` fields).
+    """The table of columns ``names`` from a payload's ``layout`` (its hash) and segment bytes.
 
-    Raises ``PayloadError`` naming the column when one is missing, its segment is not valid
-    Arrow IPC or does not hold it, the row counts disagree, or (with ``expect``) its type differs.
+    Raises ``PayloadError`` naming the column when one is missing, its segment is gone, is not
+    valid Arrow IPC or does not hold it, the row counts disagree, or (with ``expect``) its type
+    differs.
     """
-    segments: dict[bytes, pa.Table] = {}
-    whole = _whole_segment(fields, names)
-    if whole is not None:
-        segments[whole] = _read_segment(fields, whole, names[0])
-        table = segments[whole]
-        if table.schema.names == list(names):
-            _check_types(table.schema, expect)
-            return table
-    arrays, schema_fields = [], []
+    keys = needed_segments(layout, names)
+    where = column_segments(layout)
+    decoded = {key: _read_segment(segments.get(key), key) for key in keys}
+    if len(keys) == 1 and decoded[keys[0]].schema.names == list(names):
+        table = decoded[keys[0]]  # the usual case: one segment, all of it
+        _check_types(table.schema, expect)
+        return table
+    arrays, fields = [], []
     for name in names:
-        segment_field = fields.get(ready_field(name))
-        if segment_field is None:
-            raise PayloadError(f"the payload has no column {name!r}")
-        if segment_field not in segments:
-            segments[segment_field] = _read_segment(fields, segment_field, name)
-        segment = segments[segment_field]
+        segment = decoded[where[name]]
         if name not in segment.schema.names:
             raise PayloadError(f"column {name!r} is not in its segment (which holds {segment.schema.names})")
-        field = segment.schema.field(name)
         column = segment.column(name)
         if arrays and len(column) != len(arrays[0]):
             raise PayloadError(f"column {name!r} has {len(column)} rows, column {names[0]!r} has {len(arrays[0])}")
         arrays.append(column)
-        schema_fields.append(field)
-    schema = pa.schema(schema_fields)
+        fields.append(segment.schema.field(name))
+    schema = pa.schema(fields)
     _check_types(schema, expect)
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _whole_segment(fields: Mapping[bytes, bytes | None], names: Sequence[str]) -> bytes | None:
-    """The one segment holding every column of ``names``, if there is one (the usual case)."""
-    found = {fields.get(ready_field(name)) for name in names}
-    return found.pop() if len(found) == 1 and None not in found else None
-
-
-def _read_segment(fields: Mapping[bytes, bytes | None], segment_field: bytes, column: str) -> pa.Table:
-    data = fields.get(segment_field)
+def _read_segment(data: bytes | None, key: bytes) -> pa.Table:
+    name = key.decode(errors="replace").rpartition(":payload:")[2]
     if data is None:
-        raise PayloadError(f"the payload has no segment {segment_field.decode(errors='replace')!r}")
+        raise PayloadError(f"segment {name} is missing")
     try:
         return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise PayloadError(f"the segment holding column {column!r} is not valid Arrow IPC: {exc}") from exc
+        raise PayloadError(f"segment {name} is not valid Arrow IPC: {exc}") from exc
 
 
 def _check_types(schema: pa.Schema, expect: pa.Schema | None) -> None:

@@ -5,6 +5,10 @@ update: an entry is acknowledged and its payload freed together, a stage's colum
 and the entry forwarded together, and the in-flight counters used for back-pressure always
 agree with the entries they count.
 
+A payload is a hash (its layout, see ``storage.codec``) and one string key per segment; the
+segment bytes are written with a plain SET before a script runs, never passed through a script
+(a script argument is copied twice more, and Redis stores a SET value straight off the socket).
+
 Bookkeeping: a payload hash carries a marker field ``i:<stream key>`` (its byte size) while it
 is in flight on that stream; ``<stream key>:inflight`` holds the stream's ``entries`` and
 ``bytes`` totals. ``release`` drops the marker and the totals together, once, however many
@@ -38,13 +42,26 @@ local function admit(payload, stream, inflight, size)
   redis.call('HINCRBY', inflight, 'entries', 1)
   redis.call('HINCRBY', inflight, 'bytes', size)
 end
+local function segments(payload)
+  local keys = {}
+  for _, field in ipairs(redis.call('HKEYS', payload)) do
+    if string.sub(field, 1, 4) == 'seg:' then keys[#keys + 1] = string.sub(field, 5) end
+  end
+  return keys
+end
+local function free(payload)
+  for _, key in ipairs(segments(payload)) do redis.call('DEL', key) end
+  redis.call('DEL', payload)
+end
+local function has_column(order, name)
+  return string.find('\\n' .. order .. '\\n', '\\n' .. name .. '\\n', 1, true) ~= nil
+end
 """
 
-# KEYS: stream, payload (written just before, in the same transaction), inflight.
-# ARGV: max_entries, max_bytes, bytes, rows, meta. Appends the entry unless the stream is at its
-# bound (0 = no bound); a lone entry always fits, so one batch larger than the byte bound cannot
-# wedge the stream. Returns the entry id, or nil when refused (the payload is deleted). The
-# payload bytes go through a plain HSET: a script argument would be copied twice more.
+# KEYS: stream, payload, inflight, segment (SET just before). ARGV: max_entries, max_bytes, bytes,
+# rows, meta, then the payload hash's field/value pairs. Appends the entry unless the stream is
+# at its bound (0 = no bound); a lone entry always fits, so one batch larger than the byte bound
+# cannot wedge the stream. Returns the entry id, or nil when refused (the segment is deleted).
 PUT = (
     _PRELUDE
     + """
@@ -52,9 +69,10 @@ local entries = tonumber(redis.call('HGET', KEYS[3], 'entries') or '0')
 local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
 local max_entries, max_bytes, size = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if entries > 0 and ((max_entries > 0 and entries >= max_entries) or (max_bytes > 0 and bytes + size > max_bytes)) then
-  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[4])
   return false
 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 6))
 admit(KEYS[2], KEYS[1], KEYS[3], size)
 return redis.call('XADD', KEYS[1], '*', 'payload', KEYS[2], 'rows', ARGV[4], 'bytes', ARGV[3], 'meta', ARGV[5])
 """
@@ -74,7 +92,7 @@ for i = 3, #ARGV do
     if fields then
       release(fields['payload'], KEYS[1], KEYS[2])
       if ARGV[2] == 'delete' then
-        redis.call('DEL', fields['payload'])
+        free(fields['payload'])
       elseif ARGV[2] == 'retire' then
         redis.call('SADD', KEYS[3], fields['payload'])
       end
@@ -85,41 +103,43 @@ return acked
 """
 )
 
-# KEYS: source stream, its inflight, destination stream, its inflight.
-# ARGV: group, id, n_ready, the ready fields ('r:<column>', n_ready of them), meta ('' keeps the
-# entry's), then optionally a new segment: its field, its bytes, and the field/value pairs of
-# its columns' ready fields. The segment is written only if none of its columns is there yet,
-# so a stage that redoes an entry cannot overwrite what it wrote before. Returns nil if the
-# entry was not pending (another consumer finished it first: nothing is written), 0 if a ready
-# field is still missing (another stage will forward it), else the id on the destination.
+# KEYS: source stream, its inflight, destination stream, its inflight, new segment ('' if none).
+# ARGV: group, id, n_ready, the ready column names (n_ready of them), meta ('' keeps the entry's),
+# then the new segment's column names. The segment joins the payload only if none of its
+# columns is there yet, so a stage that redoes an entry cannot overwrite what it wrote before.
+# Returns nil if the entry was not pending (another consumer finished it first: the new segment
+# is deleted), 0 if a ready column is still missing (another stage will forward it), else the
+# id on the destination stream.
 ADVANCE = (
     _PRELUDE
     + """
-local group, id, n_ready = ARGV[1], ARGV[2], tonumber(ARGV[3])
-if redis.call('XACK', KEYS[1], group, id) == 0 then return false end
+local group, id, n_ready, segment = ARGV[1], ARGV[2], tonumber(ARGV[3]), KEYS[5]
 local fields = entry_fields(KEYS[1], id)
-if not fields or redis.call('EXISTS', fields['payload']) == 0 then return false end
+if redis.call('XACK', KEYS[1], group, id) == 0 or not fields or redis.call('EXISTS', fields['payload']) == 0 then
+  if segment ~= '' then redis.call('DEL', segment) end
+  return false
+end
 local payload = fields['payload']
-local first = 5 + n_ready
-if #ARGV > first then
-  local fresh = true
-  for i = first + 2, #ARGV, 2 do
-    if redis.call('HEXISTS', payload, ARGV[i]) == 1 then fresh = false end
+local order = redis.call('HGET', payload, 'columns')
+if segment ~= '' then
+  local fresh, names = true, {}
+  for i = 5 + n_ready, #ARGV do
+    if has_column(order, ARGV[i]) then fresh = false end
+    names[#names + 1] = ARGV[i]
   end
   if fresh then
-    local order = redis.call('HGET', payload, 'columns')
-    for i = first + 2, #ARGV, 2 do order = order .. '\\n' .. string.sub(ARGV[i], 3) end
-    redis.call('HSET', payload, 'columns', order, unpack(ARGV, first))
+    order = order .. '\\n' .. table.concat(names, '\\n')
+    redis.call('HSET', payload, 'columns', order, 'seg:' .. segment, table.concat(names, '\\n'))
+  else
+    redis.call('DEL', segment)
   end
 end
 for i = 4, 3 + n_ready do
-  if redis.call('HEXISTS', payload, ARGV[i]) == 0 then return 0 end
+  if not has_column(order, ARGV[i]) then return 0 end
 end
 release(payload, KEYS[1], KEYS[2])
 local size = 0
-for _, field in ipairs(redis.call('HKEYS', payload)) do
-  if string.sub(field, 1, 2) == 's:' then size = size + redis.call('HSTRLEN', payload, field) end
-end
+for _, key in ipairs(segments(payload)) do size = size + redis.call('STRLEN', key) end
 admit(payload, KEYS[3], KEYS[4], size)
 local meta = ARGV[4 + n_ready]
 if meta == '' then meta = fields['meta'] end
@@ -141,23 +161,11 @@ return redis.call('XADD', KEYS[3], '*', 'stream', KEYS[1], 'group', ARGV[1], 'en
 """
 )
 
-# KEYS: payload. ARGV: column names. Returns the column list, then per asked column the field of
-# its segment (nil if absent), then each needed segment's field and bytes: the columns a reader
-# asked for in one round trip, without the other segments' bytes.
-FETCH = """
-local out = {redis.call('HGET', KEYS[1], 'columns')}
-local needed, order = {}, {}
-for i = 1, #ARGV do
-  local segment = redis.call('HGET', KEYS[1], 'r:' .. ARGV[i])
-  out[#out + 1] = segment
-  if segment and not needed[segment] then
-    needed[segment] = true
-    order[#order + 1] = segment
-  end
-end
-for _, segment in ipairs(order) do
-  out[#out + 1] = segment
-  out[#out + 1] = redis.call('HGET', KEYS[1], segment)
-end
-return out
+# KEYS: none. ARGV: payload keys. Deletes each payload with its segments (retired payloads).
+FREE = (
+    _PRELUDE
+    + """
+for i = 1, #ARGV do free(ARGV[i]) end
+return #ARGV
 """
+)

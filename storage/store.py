@@ -36,10 +36,10 @@ from storage.codec import (
     ORDER_FIELD,
     IpcEncoder,
     PayloadError,
-    column_order,
     decode_columns,
-    ready_field,
-    segment_fields,
+    needed_segments,
+    segment_field,
+    segment_key,
     stored_names,
 )
 
@@ -156,7 +156,7 @@ class TrajectoryStore:
         self._ack = client.register_script(scripts.ACK)
         self._advance = client.register_script(scripts.ADVANCE)
         self._dead_letter = client.register_script(scripts.DEAD_LETTER)
-        self._fetch = client.register_script(scripts.FETCH)
+        self._free = client.register_script(scripts.FREE)
         self._load_scripts()
 
     @classmethod
@@ -197,20 +197,17 @@ class TrajectoryStore:
         """Append ``table`` to ``stream``; returns the entry id.
 
         Waits while the stream is at its in-flight bound; raises ``StoreFull`` after
-        ``limits.put_timeout_s``. The payload and the entry are written in one atomic script,
-        so a reader never sees an entry whose payload is not there yet.
+        ``limits.put_timeout_s``. The batch's bytes are written before the script that appends
+        the entry, so a reader never sees an entry whose payload is not all there.
         """
-        mapping = segment_fields(table, "0", self._encoder)
-        mapping[ORDER_FIELD] = column_order(table.column_names)
-        size = sum(value.nbytes for value in mapping.values() if isinstance(value, memoryview))
-        args = [self.limits.max_entries, self.limits.max_bytes, size, table.num_rows]
-        args.append(msgpack.packb(meta or {}, use_bin_type=True))
+        data = self._encoder.encode(table)
+        meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
         stream_key = self.key(stream)
         started, pause = None, 0.001
-        while (entry_id := self._try_put(stream_key, mapping, args)) is None:
+        while (entry_id := self._try_put(stream_key, table, data, meta_bytes)) is None:
             # Full: wait with cheap polls of the counters, not by resending the bytes.
             started = started if started is not None else time.monotonic()
-            while not self._has_room(stream, size):
+            while not self._has_room(stream, data.nbytes):
                 if time.monotonic() - started >= self.limits.put_timeout_s:
                     raise StoreFull(
                         f"stream {stream!r} of run {self.run_id!r} stayed full ({self._bound_text()}) for "
@@ -222,21 +219,29 @@ class TrajectoryStore:
             self.put_wait_s += time.monotonic() - started
         return _text(entry_id)
 
-    def _try_put(self, stream_key: str, mapping: dict, args: list) -> str | None:
+    def _try_put(self, stream_key: str, table: pa.Table, data: memoryview, meta: bytes) -> str | None:
         payload_key = self.key(f"payload:{uuid.uuid4().hex}")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(payload_key, mapping=mapping)
-        pipe.evalsha(self._put.sha, 3, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, *args)
+        segment = segment_key(payload_key, "0")
+        field, names = segment_field(table, segment)
+        limits = self.limits
+        # Not a MULTI: the segment is written first and only an entry that the script appends
+        # points at it, so no reader can see a half-written batch; a refused put deletes it.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(segment, data)
+        pipe.evalsha(
+            self._put.sha, 4, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
+            limits.max_entries, limits.max_bytes, data.nbytes, table.num_rows, meta, ORDER_FIELD, names, field, names,
+        )  # fmt: skip
         try:
             _, entry_id = pipe.execute()
         except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
-            self.client.delete(payload_key)
+            self.client.delete(segment)
             self._load_scripts()
-            return self._try_put(stream_key, mapping, args)
+            return self._try_put(stream_key, table, data, meta)
         return None if entry_id is None else _text(entry_id)
 
     def _load_scripts(self) -> None:
-        for script in (self._put, self._ack, self._advance, self._dead_letter, self._fetch):
+        for script in (self._put, self._ack, self._advance, self._dead_letter, self._free):
             script.sha = self.client.script_load(script.script)
 
     def _has_room(self, stream: str, size: int) -> bool:
@@ -322,18 +327,33 @@ class TrajectoryStore:
         or None when the entry is still waiting for another stage's columns or was no longer
         pending for ``group`` (another consumer finished it first: nothing is written).
         """
-        pairs: list[Any] = []
-        if columns is not None and columns.num_columns:
-            fields = segment_fields(columns, uuid.uuid4().hex[:12], self._encoder)
-            pairs = [item for pair in fields.items() for item in pair]
         source, target = self.key(stream), self.key(to)
-        ready = [ready_field(name) for name in ready_when]
+        ready = list(ready_when)
         packed_meta = msgpack.packb(meta, use_bin_type=True) if meta is not None else b""
-        result = self._advance(
-            keys=[source, source + INFLIGHT_SUFFIX, target, target + INFLIGHT_SUFFIX],
-            args=[group, entry_id, len(ready), *ready, packed_meta, *pairs],
-        )
+        segment, new_fields = "", []
+        pipe = self.client.pipeline(transaction=False)
+        if columns is not None and columns.num_columns:
+            payload_key = self._payload_of(stream, entry_id)
+            if payload_key is None:
+                return None
+            segment = segment_key(payload_key, uuid.uuid4().hex[:12])
+            segment_field(columns, segment)  # checks the names
+            new_fields = list(columns.column_names)
+            pipe.set(segment, self._encoder.encode(columns))
+        pipe.evalsha(
+            self._advance.sha, 5, source, source + INFLIGHT_SUFFIX, target, target + INFLIGHT_SUFFIX, segment,
+            group, entry_id, len(ready), *ready, packed_meta, *new_fields,
+        )  # fmt: skip
+        try:
+            result = pipe.execute()[-1]
+        except redis.exceptions.NoScriptError:
+            self._load_scripts()
+            return self.advance(stream, group, entry_id, to, columns, ready_when, meta)
         return None if result in (None, 0) else _text(result)
+
+    def _payload_of(self, stream: str, entry_id: str) -> str | None:
+        found = self.client.xrange(self.key(stream), min=entry_id, max=entry_id)
+        return _text(found[0][1][b"payload"]) if found else None
 
     def claim_stale(
         self,
@@ -437,29 +457,42 @@ class TrajectoryStore:
     ) -> list[Entry]:
         if not records:
             return []
+        # A whole-payload read fetches the first segment (usually the only one) with the layout,
+        # in one round trip; a column read looks at the layout first, to fetch only what it needs.
+        first = (
+            [segment_key(_text(fields[b"payload"]), "0").encode() for _, fields in records] if columns is None else []
+        )
         pipe = self.client.pipeline(transaction=False)
         for _, fields in records:
-            if columns is None:
-                pipe.hgetall(fields[b"payload"])
-            else:
-                pipe.evalsha(self._fetch.sha, 1, fields[b"payload"], *columns)
-        try:
-            replies = pipe.execute()
-        except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
-            self._load_scripts()
-            return self._load(stream, group, records, columns, expect, deliveries)
+            pipe.hgetall(fields[b"payload"])
+        for key in first:
+            pipe.get(key)
+        replies = pipe.execute()
+        layouts = replies[: len(records)]
+        segments = dict(zip(first, replies[len(records) :], strict=True))
+        wanted: dict[bytes, None] = {}
+        for layout in layouts:
+            try:
+                names = list(columns) if columns is not None else stored_names(layout)
+                wanted.update(dict.fromkeys(key for key in needed_segments(layout, names) if key not in segments))
+            except PayloadError:
+                pass  # reported per entry below
+        if wanted:
+            pipe = self.client.pipeline(transaction=False)
+            for key in wanted:
+                pipe.get(key)
+            segments.update(zip(wanted, pipe.execute(), strict=True))
         entries, orphans = [], []
-        for (entry_id, fields), found in zip(records, replies, strict=True):
+        for (entry_id, fields), layout in zip(records, layouts, strict=True):
             entry_id = _text(entry_id)
-            payload = found if columns is None else _fetched_fields(columns, found)
-            if payload.get(ORDER_FIELD) is None:
+            if not layout:
                 # Acknowledged by its previous owner after we claimed it, or purged: either
                 # way it must not be used again.
                 orphans.append(entry_id)
                 continue
             try:
-                names = list(columns) if columns is not None else stored_names(payload)
-                table = decode_columns(payload, names, expect)
+                names = list(columns) if columns is not None else stored_names(layout)
+                table = decode_columns(layout, segments, names, expect)
                 meta = msgpack.unpackb(fields[b"meta"], raw=False) if b"meta" in fields else {}
             except (PayloadError, ValueError, msgpack.UnpackException) as exc:
                 self.dead_letter(stream, group, entry_id, f"bad payload: {exc}", deliveries.get(entry_id, 1))
@@ -513,7 +546,7 @@ class TrajectoryStore:
         retired = self.key("retired")
         released = 0
         while keys := self.client.spop(retired, 1000):
-            released += int(self.client.unlink(*keys))
+            released += int(self._free(args=keys))
         return released
 
     # -- control values ------------------------------------------------------------------------
@@ -551,15 +584,6 @@ class TrajectoryStore:
         if batch:
             deleted += int(self.client.unlink(*batch))
         return deleted
-
-
-def _fetched_fields(columns: Sequence[str], reply: list) -> dict[bytes, bytes | None]:
-    """The FETCH script's flat reply as payload fields."""
-    fields: dict[bytes, bytes | None] = {ORDER_FIELD: reply[0]}
-    fields.update({ready_field(name): segment for name, segment in zip(columns, reply[1:], strict=False)})
-    rest = reply[1 + len(columns) :]
-    fields.update(zip(rest[::2], rest[1::2], strict=True))
-    return fields
 
 
 def _parse_id(entry_id: bytes | str) -> tuple[int, int]:

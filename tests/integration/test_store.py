@@ -86,7 +86,7 @@ def test_ack_clears_pending_and_deletes_payload(store: TrajectoryStore) -> None:
     store.put("trajectories", trajectories(3, 1))
     store.put("trajectories", trajectories(3, 2))
     first, second = store.read("trajectories", "trainer", "t0", count=2)
-    payloads = lambda: [key for key in store.run_keys() if ":payload:" in key]  # noqa: E731
+    payloads = lambda: [key for key in store.run_keys() if ":payload:" in key and ":s:" not in key]  # noqa: E731
     assert store.pending("trajectories", "trainer") == 2
     assert len(payloads()) == 2
 
@@ -166,10 +166,10 @@ def test_purge_removes_only_its_own_run(store: TrajectoryStore) -> None:
             each.set_value("policy_version", 1)
         assert all(key.startswith(f"asyncrl:{{{store.run_id}}}:") for key in store.run_keys())
 
-        assert store.purge() == 4  # stream, its in-flight counters, payload, control key
+        assert store.purge() == 5  # stream, its in-flight counters, payload and its segment, control key
 
         assert store.run_keys() == []
-        assert len(other.run_keys()) == 4
+        assert len(other.run_keys()) == 5
         assert len(other.read("trajectories", "trainer", "t0")) == 1
     finally:
         other.purge()

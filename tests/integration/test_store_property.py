@@ -60,7 +60,7 @@ def build_machine(redis_url: str) -> type[RuleBasedStateMachine]:
             self.samples[entry_id] = table.column("sample_id").to_pylist()
             if corrupt:
                 payload = self.store.client.xrange(self.store.key(STREAM), min=entry_id, max=entry_id)[0][1][b"payload"]
-                self.store.client.hset(payload, "s:0", b"garbage")
+                self.store.client.set(payload + b":s:0", b"garbage")
                 self.corrupt.add(entry_id)
 
         @rule(consumer=st.integers(0, 2), count=st.integers(1, 3), crash=st.booleans())

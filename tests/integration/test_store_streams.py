@@ -22,7 +22,8 @@ def batch(rows: int = 4, prefix: str = "s") -> pa.Table:
 
 
 def payload_keys(store: TrajectoryStore) -> list[str]:
-    return [key for key in store.run_keys() if ":payload:" in key]
+    """The run's payloads (their hashes; each has its segment keys beside it)."""
+    return [key for key in store.run_keys() if ":payload:" in key and ":s:" not in key]
 
 
 def test_corrupt_payload_goes_to_dead_letter_and_the_rest_is_read(store: TrajectoryStore) -> None:
@@ -32,14 +33,14 @@ def test_corrupt_payload_goes_to_dead_letter_and_the_rest_is_read(store: Traject
     good_after = store.put(STREAM, batch(prefix="c"))
     # Corrupt exactly the middle entry's segment bytes.
     payload_of_bad = store.client.xrange(store.key(STREAM), min=bad, max=bad)[0][1][b"payload"]
-    store.client.hset(payload_of_bad, "s:0", b"\x00not arrow at all")
+    store.client.set(payload_of_bad + b":s:0", b"\x00not arrow at all")
 
     entries = store.read(STREAM, GROUP, "t0", count=10)
 
     assert [entry.id for entry in entries] == [good_before, good_after]
     (dead,) = store.dead_letters(STREAM)
     assert dead.entry == bad and dead.group == GROUP
-    assert "not valid Arrow IPC" in dead.reason and "sample_id" in dead.reason
+    assert "not valid Arrow IPC" in dead.reason and payload_of_bad.decode().rpartition(":")[2] in dead.reason
     assert store.pending(STREAM, GROUP) == 2  # the bad one is no longer pending anywhere
     assert store.inflight(STREAM)[0] == 2
     assert store.client.exists(dead.payload) == 1  # kept for inspection
@@ -80,7 +81,7 @@ def test_a_stage_reads_some_columns_and_appends_its_own(store: TrajectoryStore) 
     store.ensure_group(STREAM, "reward")
     store.ensure_group("scored", GROUP)
     (base_payload,) = payload_keys(store)
-    base_segment = store.client.hget(base_payload, "s:0")
+    base_segment = store.client.get(base_payload + ":s:0")
 
     (entry,) = store.read(STREAM, "reward", "r0", columns=["sample_id", "response_ids"])
     assert entry.table.column_names == ["sample_id", "response_ids"]
@@ -93,7 +94,7 @@ def test_a_stage_reads_some_columns_and_appends_its_own(store: TrajectoryStore) 
     assert scored.table.select(table.column_names).equals(table)
     assert scored.table.column("score").to_pylist() == [0.5] * 6
     assert scored.meta == {"rows": 6}
-    assert store.client.hget(base_payload, "s:0") == base_segment  # the first segment was not rewritten
+    assert store.client.get(base_payload + ":s:0") == base_segment  # the first segment was not rewritten
     assert store.pending(STREAM, "reward") == 0
     assert store.inflight(STREAM) == (0, 0) and store.inflight("scored")[0] == 1
     store.ack("scored", GROUP, [scored.id])
