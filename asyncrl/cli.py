@@ -22,7 +22,10 @@ A job is one YAML file plus key=value overrides, e.g.
   asyncrl config show configs/tiny.yaml trainer.lr=3e-5
   asyncrl plot runs/demo
   asyncrl bench rollout configs/tiny.yaml --repeats 3
+  asyncrl bench train configs/tiny.yaml --steps 4
   asyncrl bench store
+  asyncrl bench sync sync.bucket_mb=32
+  asyncrl simulate configs/gpu/qwen2.5-7b-64gpu.yaml
   asyncrl store stats runs/demo
 """
 
@@ -89,8 +92,55 @@ def _parser() -> argparse.ArgumentParser:
     store_bench.add_argument("--trajectories", type=_positive, default=10_000, help="(default 10000)")
     store_bench.add_argument("--prompt-tokens", type=_positive, default=512, help="(default 512)")
     store_bench.add_argument("--response-tokens", type=_positive, default=512, help="(default 512)")
-    store_bench.add_argument("--rows", type=_positive, default=64, help="trajectories per message (default 64)")
+    store_bench.add_argument(
+        "--rows", type=_positive, default=256, help="trajectories per message (default 256; see store.rows_per_message)"
+    )
     store_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
+    train_bench = bench_commands.add_parser(
+        "train",
+        help="our trainer path vs bare DeepSpeed: trained tokens/s and their ratio",
+        description="Train the same trajectories (the config's prompt, response and batch shapes) with the same "
+        "model, dtype and ZeRO stage through (a) a bare DeepSpeed forward/backward/step loop on micro-batches "
+        "collated in memory and (b) one TrainerWorker in this process (no Ray) reading them from an embedded "
+        "store, alternately R times (S steps each) after one warm-up step each; print tokens/s per run, medians, "
+        "peak RSS, and last the line 'train ratio (ours/bare DeepSpeed): X'.",
+    )
+    _config_args(train_bench, default=BENCH_CONFIG)
+    train_bench.add_argument("--steps", type=_positive, default=4, help="optimizer steps per timed run (default 4)")
+    train_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
+    train_bench.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="the device you expect; the trainer takes cuda when torch sees a GPU, else cpu, and a mismatch is an "
+        "error",
+    )
+
+    simulate = commands.add_parser(
+        "simulate",
+        help="predict throughput, idle time and staleness with a discrete-event model",
+        description="Simulate the pipeline of CONFIG (its pools, batch, lengths and the simulate.* costs) for each "
+        "simulate.staleness_sweep value and simulate.rollout_share_sweep split; print samples/s, the speedup over "
+        "max_staleness=0, trainer and rollout idle fractions and staleness. simulate.calibrate_from=[RUN_DIR,...] "
+        "first fits the costs to real runs' metrics.jsonl and prints the prediction for each of them.",
+    )
+    _config_args(simulate)
+
+    sync_bench = bench_commands.add_parser(
+        "sync",
+        help="our bucketed weight broadcast vs the in-process copy limit and a naive per-tensor push",
+        description="Sync a ~150 MB, 122-tensor Qwen2 from this process into one vLLM engine in a child process "
+        "over a gloo sync group: (a) an in-process copy of the same bytes (the limit here), (b) our bucketed, "
+        "pipelined broadcast (sync.bucket_mb) until the engine staged the last bucket, (c) a naive push of the "
+        "state dict tensor by tensor (a pickled message per tensor), R times after a warm-up; then the engine's "
+        "decode tokens/s during back-to-back syncs (sync.mode) vs without. Prints GB/s and ratios, and last the "
+        "line 'sync ratio (ours/naive per-tensor): X'.",
+    )
+    _config_args(sync_bench, default=BENCH_CONFIG)
+    sync_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
+    sync_bench.add_argument(
+        "--syncs", type=_positive, default=4, help="syncs during the decode measurement (default 4)"
+    )
 
     store = commands.add_parser(
         "store",
@@ -143,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plot":
         return _plot(Path(args.run_dir))
     from asyncrl.models import ModelError
+    from asyncrl.placement import PlacementError
     from storage import StoreError
 
     if args.command == "store":
@@ -159,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return _bench(cfg, args)
+        if args.command == "simulate":
+            from asyncrl.simulate import report
+
+            print(report(cfg))
+            return 0
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
         )
@@ -169,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM unwinds like Ctrl-C, so the store server and Ray are stopped on the way out.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         run_dir = train(cfg)
-    except (ConfigError, ModelError, StoreError) as err:
+    except (ConfigError, ModelError, PlacementError, StoreError) as err:
         print(f"asyncrl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -192,6 +248,16 @@ def _bench(cfg, args: argparse.Namespace) -> int:
             rows=args.rows,
             repeats=args.repeats,
         )
+        return 0
+    if args.bench_command == "sync":
+        from asyncrl.bench.sync import bench_sync
+
+        bench_sync(cfg, repeats=args.repeats, syncs=args.syncs)
+        return 0
+    if args.bench_command == "train":
+        from asyncrl.bench.train import bench_train
+
+        bench_train(cfg, steps=args.steps, repeats=args.repeats, device=args.device)
         return 0
     from asyncrl.bench.rollout import bench_rollout
 

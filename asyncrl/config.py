@@ -191,7 +191,7 @@ class RewardConfig:
 @dataclass(kw_only=True, slots=True)
 class RolloutConfig:
     num_workers: int = 1
-    """Rollout workers, one vLLM engine each."""
+    """Rollout workers, one vLLM engine each; with resources.pools it is set to the rollout pools' total count."""
     group_size: int = 4
     """Responses sampled per prompt (the GRPO group)."""
     max_new_tokens: int = 32
@@ -314,13 +314,28 @@ class SchedulerConfig:
 @dataclass(kw_only=True, slots=True)
 class SyncConfig:
     transport: str = "object_store"
-    """How new weights reach the engines: `object_store` (Ray's shared-memory object store)."""
+    """How new weights reach the engines: `object_store` (a numpy dict through Ray's object store, one
+    update per engine), `broadcast` (bucketed torch.distributed broadcast over a sync group: gloo on CPU,
+    NCCL on CUDA) or `store` (buckets as bytes through the transfer store, for engines with no shared fabric)."""
     timeout_s: float = 120.0
-    """Longest a weight sync may take before the run fails naming the worker."""
+    """Longest a weight sync may take, and every collective and wait inside it, before it fails naming
+    the pool, engine and bucket."""
+    mode: str = "inflight"
+    """`inflight`: engines keep decoding while buckets arrive and switch weights at a step boundary;
+    `pause`: engines stop stepping from the first bucket to the switch (bucketed transports only)."""
+    bucket_mb: float = 64.0
+    """Size of one flattened bucket of the sync plan, in MiB (bucketed transports)."""
+    sm_fraction: float = 0.1
+    """Share of a CUDA device's SMs the NCCL broadcast may occupy (sets the group's max/min CTAs); unused on CPU."""
 
     def __post_init__(self) -> None:
-        _one_of("sync.transport", self.transport, ("object_store",))
+        from asyncrl.sync.registry import SYNC_MODES, TRANSPORTS
+
+        _one_of("sync.transport", self.transport, ("object_store", *TRANSPORTS))
         _require(self.timeout_s > 0, f"sync.timeout_s must be > 0, got {self.timeout_s}")
+        _one_of("sync.mode", self.mode, SYNC_MODES)
+        _require(self.bucket_mb > 0, f"sync.bucket_mb must be > 0, got {self.bucket_mb}")
+        _require(0 < self.sm_fraction <= 1, f"sync.sm_fraction must be in (0, 1], got {self.sm_fraction}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -344,7 +359,7 @@ class StoreConfig:
     timeout_s: float = 10.0
     """Timeout of every store connection and call."""
     rows_per_message: int = 0
-    """Trajectories per Arrow message a rollout worker puts; 0 puts each group as it finishes."""
+    """Trajectories per Arrow message a rollout worker puts; 0 puts the groups finishing in an engine step at once."""
     max_inflight_entries: int = 4096
     """Entries a stream may hold that are not yet consumed; a producer waits beyond it (0: no bound)."""
     max_inflight_mb: float = 2048.0
@@ -376,6 +391,168 @@ class StoreConfig:
         _one_of("store.retention", self.retention, ("ack", "checkpoint"))
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+"""Ray placement-group strategies a pool may ask for."""
+POOL_ROLES = ("trainer", "rollout")
+
+
+@dataclass(kw_only=True, slots=True)
+class PoolConfig:
+    name: str = ""
+    """Pool name, used in actor names and errors; empty takes `<role>-<index>`."""
+    role: str = "rollout"
+    """What its workers run: `trainer` (TrainerWorker) or `rollout` (RolloutWorker, one engine each)."""
+    count: int = 1
+    """Workers in the pool, one placement-group bundle each."""
+    cpus: float = 1.0
+    """CPUs per worker; also its compute threads (OMP_NUM_THREADS), at least 1."""
+    gpus: float = 0.0
+    """GPUs per worker (a rollout worker with tensor_parallel > 1 needs that many)."""
+    accelerator_type: str = ""
+    """Ray accelerator type the worker must land on, e.g. `H100` or `A10G` (the node's `accelerator_type:<X>`)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per worker, e.g. {rollout_node: 0.1}: a label that a node was started with."""
+    strategy: str = "PACK"
+    """Placement-group strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
+    tensor_parallel: int = 1
+    """Engine tensor-parallel size (rollout pools; CUDA engines)."""
+    dtype: str = ""
+    """Engine dtype of this pool (float32 or bfloat16); empty uses model.dtype."""
+    gpu_memory_fraction: float = 0.9
+    """Fraction of each GPU the engine may take for weights and KV cache (CUDA engines)."""
+
+    def validate(self, key: str) -> None:
+        """Checks with the pool's own key (`resources.pools[i]`) in every message."""
+        _one_of(f"{key}.role", self.role, POOL_ROLES)
+        _require(self.count >= 1, f"{key}.count must be >= 1, got {self.count}")
+        _require(self.cpus >= 0, f"{key}.cpus must be >= 0, got {self.cpus}")
+        _require(self.gpus >= 0, f"{key}.gpus must be >= 0, got {self.gpus}")
+        _one_of(f"{key}.strategy", self.strategy, PLACEMENT_STRATEGIES)
+        _require(self.tensor_parallel >= 1, f"{key}.tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1:
+            _require(
+                self.gpus >= self.tensor_parallel,
+                f"{key}.gpus ({self.gpus}) must be >= {key}.tensor_parallel ({self.tensor_parallel}): "
+                "one GPU per tensor-parallel rank",
+            )
+        if self.dtype:
+            _one_of(f"{key}.dtype", self.dtype, ("float32", "bfloat16"))
+        _require(
+            0 < self.gpu_memory_fraction <= 1,
+            f"{key}.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}",
+        )
+        for label, amount in self.resources.items():
+            _require(bool(label), f"{key}.resources: a resource needs a name (a label a node was started with)")
+            _require(amount > 0, f"{key}.resources.{label} must be > 0, got {amount}")
+            _require(
+                label not in ("CPU", "GPU", "memory"),
+                f"{key}.resources.{label}: set {key}.cpus / {key}.gpus instead",
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class ResourcesConfig:
+    pools: list[PoolConfig] = field(default_factory=list)
+    """Worker pools: one `trainer` pool and one or more `rollout` pools; empty runs one machine's default
+    (rollout.num_workers rollout workers of rollout.threads CPUs, one trainer of trainer.threads CPUs)."""
+    placement_timeout_s: float = 120.0
+    """Longest a pool's placement group may wait for its resources before the run fails naming them."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.placement_timeout_s > 0, f"resources.placement_timeout_s must be > 0, got {self.placement_timeout_s}"
+        )
+        if not self.pools:
+            return
+        for index, pool in enumerate(self.pools):
+            pool.validate(f"resources.pools[{index}]")
+            pool.name = pool.name or f"{pool.role}-{index}"
+        roles = [pool.role for pool in self.pools]
+        _require(
+            roles.count("trainer") == 1,
+            f"resources.pools must hold exactly one pool with role=trainer, got {roles.count('trainer')}",
+        )
+        _require("rollout" in roles, "resources.pools must hold at least one pool with role=rollout")
+        names = [pool.name for pool in self.pools]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        _require(not repeated, f"resources.pools names must be unique, {', '.join(repeated)} repeats")
+
+    def pools_of(self, role: str) -> list[PoolConfig]:
+        return [pool for pool in self.pools if pool.role == role]
+
+
+RESPONSE_LENGTHS = ("fixed", "lognormal")
+"""Response-length distributions the simulator samples (asyncrl/simulate.py LENGTH_SAMPLERS)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SimulateConfig:
+    calibrate_from: list[str] = field(default_factory=list)
+    """Run folders (with metrics.jsonl and config.yaml) whose measured per-stage costs replace the cost fields below."""
+    steps: int = 100
+    """Optimizer steps simulated per sweep point; throughput is measured from step 2 on."""
+    seed: int = 0
+    """Seed of the sampled response lengths."""
+    staleness_sweep: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    """scheduler.max_staleness values to simulate; 0 (synchronous) is the baseline of the speedups."""
+    rollout_share_sweep: list[float] = field(default_factory=list)
+    """Shares of the workers' accelerators (CPUs without GPUs) given to rollout pools; empty keeps the pools."""
+    response_length: str = "fixed"
+    """Response-length distribution: `fixed` (length_median) or `lognormal` (median, sigma), cut at max_new_tokens."""
+    length_median: float = 0.0
+    """Median response length in tokens; 0 is rollout.max_new_tokens."""
+    length_sigma: float = 1.0
+    """Shape of `lognormal`: the standard deviation of log(length)."""
+    engine_step_s: float = 0.02
+    """Seconds of one decode step of one engine (every running sequence gains a token), at one sequence."""
+    engine_seq_share: float = 0.05
+    """Each further running sequence adds this fraction of engine_step_s to a decode step (batching efficiency)."""
+    pool_speed: dict[str, float] = field(default_factory=dict)
+    """Decode speed of a rollout pool relative to engine_step_s, by pool name (another GPU kind); default 1."""
+    reward_s: float = 0.0
+    """Seconds to score one group once its last sample is done (off the engine)."""
+    train_tokens_per_s: float = 2000.0
+    """Response tokens one trainer worker trains per second; data-parallel trainer workers scale linearly."""
+    step_overhead_s: float = 0.0
+    """Fixed seconds per optimizer step besides forward/backward (optimizer step, RPCs, bookkeeping)."""
+    sync_latency_s: float = 0.0
+    """Fixed seconds of a weight sync (engine reload, setup); added to model_gb / link_gbps."""
+    model_gb: float = 0.0
+    """Bytes of the weights a sync moves, in GB."""
+    link_gbps: float = 0.0
+    """Bandwidth of the trainer-to-engine link in GB/s; 0 counts only sync_latency_s."""
+    admission_poll_s: float = 0.2
+    """The controller issues admitted prompts on this tick while a step runs (asyncrl/controller.py POLL_S)."""
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 2, f"simulate.steps must be >= 2, got {self.steps}")
+        _require(bool(self.staleness_sweep), "simulate.staleness_sweep must list at least one max_staleness")
+        _require(
+            all(k >= 0 for k in self.staleness_sweep),
+            f"simulate.staleness_sweep values must be >= 0, got {self.staleness_sweep}",
+        )
+        _require(
+            all(0 < share < 1 for share in self.rollout_share_sweep),
+            f"simulate.rollout_share_sweep values must be in (0, 1), got {self.rollout_share_sweep}",
+        )
+        _one_of("simulate.response_length", self.response_length, RESPONSE_LENGTHS)
+        _require(self.length_median >= 0, f"simulate.length_median must be >= 0, got {self.length_median}")
+        _require(self.length_sigma > 0, f"simulate.length_sigma must be > 0, got {self.length_sigma}")
+        _require(self.engine_step_s > 0, f"simulate.engine_step_s must be > 0, got {self.engine_step_s}")
+        _require(self.engine_seq_share >= 0, f"simulate.engine_seq_share must be >= 0, got {self.engine_seq_share}")
+        for name, speed in self.pool_speed.items():
+            _require(speed > 0, f"simulate.pool_speed.{name} must be > 0, got {speed}")
+        _require(self.train_tokens_per_s > 0, f"simulate.train_tokens_per_s must be > 0, got {self.train_tokens_per_s}")
+        for key in ("reward_s", "step_overhead_s", "sync_latency_s", "model_gb", "link_gbps", "admission_poll_s"):
+            value = getattr(self, key)
+            _require(value >= 0, f"simulate.{key} must be >= 0, got {value}")
+        for path in self.calibrate_from:
+            _require(
+                (Path(path) / "metrics.jsonl").is_file(),
+                f"simulate.calibrate_from: no metrics.jsonl in {path} (give a run folder)",
+            )
+
+
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
     name: str = "run"
@@ -387,7 +564,10 @@ class RunConfig:
     seed: int = 0
     """Seed for sampling and initialisation."""
     num_cpus: int = 2
-    """CPUs Ray may schedule on this machine."""
+    """CPUs Ray may schedule on this machine (a local Ray; ignored when joining a cluster)."""
+    ray_address: str = ""
+    """Address of a running Ray cluster to join (`127.0.0.1:6379`, `auto`); empty uses $RAY_ADDRESS, else starts a
+    local loopback-only Ray. The store must then be reachable from every node: set store.url or store.bind."""
     object_store_mb: int = 1024
     """Ray object store size in MiB (weights travel through it)."""
     step_timeout_s: float = 900.0
@@ -415,6 +595,8 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
@@ -422,12 +604,20 @@ class Config:
         return self.trainer.prompts_per_step * self.rollout.group_size
 
     def __post_init__(self) -> None:
+        rollout_pools = self.resources.pools_of("rollout")
+        if rollout_pools:
+            # With pools, they decide how many engines run; everything downstream reads rollout.num_workers.
+            self.rollout.num_workers = sum(pool.count for pool in rollout_pools)
         batch = self.trainer.prompts_per_step * self.rollout.group_size
         _require(
             batch % self.trainer.micro_batch_size == 0,
             f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) must divide the global batch "
             f"trainer.prompts_per_step * rollout.group_size = {batch}",
         )
+
+
+# Dataclasses that are items of a list, with the list's key, for errors about their keys.
+_LIST_ITEMS = {PoolConfig: "resources.pools[]", RewardTermConfig: "reward.fns[]"}
 
 
 def _all_keys(schema: type, prefix: str = "") -> list[str]:
@@ -443,6 +633,15 @@ def _all_keys(schema: type, prefix: str = "") -> list[str]:
 
 def _friendly(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
+    item_of = _LIST_ITEMS.get(getattr(err, "object_type", None))
+    if item_of and (isinstance(err, ConfigKeyError) or "not in" in str(err)):
+        # OmegaConf merges a list's items on their own, so the key arrives without its list's path.
+        allowed = [f.name for f in dataclasses.fields(err.object_type)]
+        parent, _, name = key.rpartition(".")
+        where = parent if "[" in parent else item_of  # an override names its index; a YAML item does not
+        close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
+        hint = f"; did you mean '{where}.{close[0]}'?" if close else ""
+        return ConfigError(f"unknown config key '{where}.{name}'{hint} (allowed: {', '.join(allowed)})")
     if isinstance(err, ConfigKeyError) or "not in" in str(err):
         known = _all_keys(Config)
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
@@ -468,10 +667,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             _require(path.is_file(), f"config file not found: {path}")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        into_lists = [item for item in overrides if _indexes_a_list(item)]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item for item in overrides if item not in into_lists]))
+        for item in into_lists:
+            _update_list_item(merged, item)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _friendly(err) from None
+
+
+def _indexes_a_list(item: str) -> bool:
+    """``resources.pools.1.count=2``: a merged dotlist would turn the list into a dict, so it is updated in place."""
+    return any(part.isdigit() for part in item.partition("=")[0].split("."))
+
+
+def _update_list_item(merged: Any, item: str) -> None:
+    key, _, text = item.partition("=")
+    parts = key.split(".")
+    node = merged
+    for depth, part in enumerate(parts[:-1]):
+        node = node[int(part)] if part.isdigit() else node[part]
+        following = parts[depth + 1]
+        if following.isdigit():
+            list_key = ".".join(parts[: depth + 1])
+            _require(
+                OmegaConf.is_list(node) and int(following) < len(node),
+                f"override {item!r}: {list_key} has {len(node) if OmegaConf.is_list(node) else 0} item(s), "
+                f"no index {following} (add items in the YAML file)",
+            )
+    value = OmegaConf.from_dotlist([f"value={text}"])["value"]  # the same YAML typing as other overrides
+    OmegaConf.update(merged, key, value, merge=True)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -18,6 +18,7 @@ from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
 from asyncrl.types import PROMPT_SCHEMA, Groups, Streams, table_from_rows
+from asyncrl.weight_sync import build_weight_sync
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,21 @@ def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) ->
     store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
     trainer, rollouts = _launch_workers(cfg, model_path, url)
+    redis_pid = None if cfg.store.url else int(store.client.info("server")["process_id"])  # embedded: ours
     ray.get([w.start.remote() for w in rollouts], timeout=60)
+    weight_sync = build_weight_sync(cfg, trainer, rollouts, url)
     with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
         for step in range(cfg.run.steps):
             tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
             step_ref = trainer.train_step.remote(scheduler.version)
             result = _await_step(step_ref, store, scheduler, prompts, rollouts, cfg.run.step_timeout_s + 60)
             scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
-            sync_seconds = _sync_weights(trainer, rollouts, scheduler.version, cfg.sync.timeout_s)
+            sync_seconds = weight_sync.sync(scheduler.version)
             step_seconds = time.monotonic() - tic
             generated = store.incr("rollout_tokens", 0) - tokens_before
             record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)
             record.update(_store_upkeep(store))
+            record.update(_process_memory(trainer, rollouts, redis_pid))
             writer.log_samples(result["ledger"])
             writer.log_step(record)
             progress.advance(record)
@@ -83,6 +87,27 @@ def _store_upkeep(store) -> dict:
     }
 
 
+def _process_memory(trainer, rollouts, redis_pid: int | None, timeout_s: float = 10.0) -> dict:
+    """Resident memory per process of the run, in MB: ``rss_mb`` now and ``rss_peak_mb`` (VmHWM), each
+    ``{"driver", "trainer-0", "rollout-<i>", "redis", "ray"}``; ``redis`` only for an embedded server,
+    ``ray`` is the sum over Ray's own processes (GCS, raylet, agents, idle workers)."""
+    import ray
+
+    from asyncrl.resources import process_memory_mb, ray_memory_mb
+
+    reports = ray.get([trainer.memory.remote(), *[w.memory.remote() for w in rollouts]], timeout=timeout_s)
+    names = ["trainer-0", *[f"rollout-{i}" for i in range(len(rollouts))]]
+    memory = {"driver": process_memory_mb(), **dict(zip(names, reports, strict=True))}
+    if redis_pid is not None:
+        memory["redis"] = process_memory_mb(redis_pid)
+    workers = {int(report["pid"]) for report in reports}
+    memory["ray"] = ray_memory_mb(workers if redis_pid is None else workers | {redis_pid})
+    return {
+        "rss_mb": {name: round(m.get("rss", 0.0), 1) for name, m in memory.items()},
+        "rss_peak_mb": {name: round(m.get("peak", 0.0), 1) for name, m in memory.items()},
+    }
+
+
 def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeout_s: float) -> dict:
     """Keep the rollout workers fed while the trainer runs one optimizer step.
 
@@ -103,25 +128,26 @@ def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeou
 
 
 def _launch_workers(cfg: Config, model_path: str, url: str):
-    """One trainer and ``rollout.num_workers`` rollout actors, each with its own thread budget."""
+    """One trainer and ``rollout.num_workers`` rollout actors, each pinned to a bundle of its pool's
+    placement group (asyncrl/placement.py) with the pool's thread budget."""
     import ray
 
+    from asyncrl.placement import reserve
     from rollout.worker import RolloutWorker
     from trainers.worker import TrainerWorker
 
-    def env(threads: int) -> dict:
-        return {"env_vars": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}}
-
+    slots = reserve(cfg)
+    trainer_slot = slots["trainer"][0]
     trainer = (
         ray.remote(TrainerWorker)
-        .options(num_cpus=cfg.trainer.threads, runtime_env=env(cfg.trainer.threads), name="trainer-0")
-        .remote(cfg, model_path, url)
+        .options(**trainer_slot.actor_options(), name="trainer-0")
+        .remote(trainer_slot.worker_config(cfg), model_path, url)
     )
     rollouts = [
         ray.remote(RolloutWorker)
-        .options(num_cpus=cfg.rollout.threads, runtime_env=env(cfg.rollout.threads), max_concurrency=4)
-        .remote(cfg, model_path, url, f"rollout-{i}")
-        for i in range(cfg.rollout.num_workers)
+        .options(**slot.actor_options(), max_concurrency=4)
+        .remote(slot.worker_config(cfg), model_path, url, f"rollout-{i}")
+        for i, slot in enumerate(slots["rollout"])
     ]
     ray.get([trainer.ready.remote(), *[w.ready.remote() for w in rollouts]], timeout=cfg.run.step_timeout_s)
     return trainer, rollouts
@@ -159,20 +185,6 @@ def _check_health(rollouts) -> None:
     for worker, error in zip(rollouts, ray.get([w.health.remote() for w in rollouts], timeout=30), strict=True):
         if error is not None:
             raise RuntimeError(f"rollout worker {worker} failed: {error}")
-
-
-def _sync_weights(trainer, rollouts, version: int, timeout_s: float) -> float:
-    """Move the trainer's new weights to every engine through the object store; returns seconds."""
-    import ray
-
-    tic = time.monotonic()
-    weights = trainer.weights.remote()
-    refs = [w.update_weights.remote(weights, version) for w in rollouts]
-    done, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    if waiting:
-        raise TimeoutError(f"weight sync to version {version} timed out after {timeout_s}s on {len(waiting)} engine(s)")
-    ray.get(done)
-    return time.monotonic() - tic
 
 
 def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_seconds, generated) -> dict:

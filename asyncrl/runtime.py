@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -58,24 +59,31 @@ def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
 
 @contextmanager
 def ray_session(cfg: Config) -> Iterator[None]:
-    """A local Ray bound to 127.0.0.1, no dashboard, a temp folder of its own."""
+    """Join the Ray cluster at ``run.ray_address`` (or $RAY_ADDRESS, as under ``ray job submit``), else
+    start a local Ray bound to 127.0.0.1, no dashboard, a temp folder of its own."""
     import ray
+
+    from asyncrl.placement import cpus_needed
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    needed = cfg.rollout.num_workers * cfg.rollout.threads + cfg.trainer.threads
-    temp_dir = tempfile.mkdtemp(prefix="asyncrl-ray-")
-    ray.init(
-        num_cpus=max(cfg.run.num_cpus, needed),
-        object_store_memory=cfg.run.object_store_mb << 20,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        runtime_env={"env_vars": WORKER_ENV},
-        log_to_driver=True,
-        logging_level=logging.WARNING,
-    )
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    common = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        # A loopback cluster (head started with --node-ip-address 127.0.0.1) only matches a driver on that address.
+        loopback = address.split("://")[-1].startswith(("127.", "localhost"))
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if loopback else {}), **common)
+    else:
+        ray.init(
+            num_cpus=max(cfg.run.num_cpus, math.ceil(cpus_needed(cfg))),
+            object_store_memory=cfg.run.object_store_mb << 20,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=tempfile.mkdtemp(prefix="asyncrl-ray-"),
+            **common,
+        )
     try:
         yield
     finally:

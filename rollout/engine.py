@@ -15,11 +15,12 @@ handed to the worker by reference, without serialization.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -245,6 +246,20 @@ class GenerationEngine:
                 self.version = version
                 self._engine.set_weight_version(str(version))
                 return time.perf_counter() - started
+        finally:
+            with self._no_update_pending:
+                self._pending_updates -= 1
+                self._no_update_pending.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold ``step`` (it waits as for a pending update) while the block runs; an
+        ``update_weights`` inside it runs as usual. For ``sync.mode=pause``: no token is sampled
+        between the first bucket of a sync and the switch."""
+        with self._no_update_pending:
+            self._pending_updates += 1
+        try:
+            yield
         finally:
             with self._no_update_pending:
                 self._pending_updates -= 1

@@ -82,6 +82,14 @@ class RolloutWorker:
         """None while the loop is alive, else the error that ended it."""
         return None if self.error is None else repr(self.error)
 
+    def memory(self) -> dict[str, float]:
+        """This process's pid and resident memory in MB (``rss`` now, ``peak``); the vLLM engine is in it."""
+        import os
+
+        from asyncrl.resources import process_memory_mb
+
+        return {"pid": os.getpid(), **process_memory_mb()}
+
     def update_weights(self, weights: dict, version: int) -> float:
         """Load new weights between two engine steps; returns seconds spent."""
         import torch
@@ -92,6 +100,23 @@ class RolloutWorker:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             tensors = [(name, torch.from_numpy(array)) for name, array in weights.items()]
         return self.engine.update_weights(tensors, version)
+
+    def sync_connect(self, plan: dict, spec, rank: int) -> None:
+        """Join a bucketed weight-sync link as ``rank`` (collective with the trainer; replaces an older link)."""
+        from asyncrl.sync.receiver import WeightReceiver
+
+        old, self.receiver = getattr(self, "receiver", None), None
+        if old is not None:
+            old.close()
+        self.receiver = WeightReceiver.connect(plan, spec, rank)
+
+    def sync_receive(self, version: int, mode: str) -> dict:
+        """Stage every bucket of ``version`` and switch at a step boundary; the generation loop keeps
+        stepping meanwhile (``inflight``) or waits from the first bucket to the switch (``pause``)."""
+        from dataclasses import asdict
+
+        pause = {"inflight": None, "pause": self.engine.paused}[mode]
+        return asdict(self.receiver.sync(version, self.engine.update_weights, pause))
 
     def _run(self) -> None:
         """Consumes prompt entries; waits on the store (bounded block) when the engine is idle.
@@ -176,10 +201,12 @@ class RolloutWorker:
                 }
             )
         self.outbox.append((table_from_rows(rows, TRAJECTORY_SCHEMA), group.entry_id))
-        if self._outbox_full():
+        if self.cfg.store.rows_per_message and self._outbox_full():
             self._flush()
 
     def _outbox_full(self) -> bool:
+        # With rows_per_message 0 the loop flushes after every engine step: the groups that finished
+        # in the same step share one message (one store round trip), and none waits for another.
         return sum(table.num_rows for table, _ in self.outbox) >= self.cfg.store.rows_per_message
 
     def _flush(self) -> None:

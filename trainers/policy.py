@@ -79,6 +79,23 @@ def init_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def deepspeed_config(
+    *, micro_batch_size: int, grad_accum_steps: int, grad_clip: float, zero_stage: int, bf16: bool
+) -> dict:
+    """The DeepSpeed config every trainer of ours uses (the bench baseline uses the same one)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * torch.distributed.get_world_size(),
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        # A plain torch AdamW: DeepSpeed's fused/CPU Adam would be another C++ build on CPU.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
 class PolicyTrainer:
     """Policy-gradient training of a causal LM in a DeepSpeed engine (ZeRO 0/1/2, fp32 or bf16).
 
@@ -127,18 +144,13 @@ class PolicyTrainer:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        world_size = torch.distributed.get_world_size()
-        config = {
-            "train_micro_batch_size_per_gpu": micro_batch_size,
-            "gradient_accumulation_steps": grad_accum_steps,
-            "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
-            "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage},
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            # A plain torch AdamW: DeepSpeed's fused/CPU Adam would be another C++ build on CPU.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-        }
+        config = deepspeed_config(
+            micro_batch_size=micro_batch_size,
+            grad_accum_steps=grad_accum_steps,
+            grad_clip=grad_clip,
+            zero_stage=zero_stage,
+            bf16=self.dtype == torch.bfloat16,
+        )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.device = self.engine.device
         self._micro_batches = 0  # forward_backward calls since the last optimizer step

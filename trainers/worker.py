@@ -56,19 +56,33 @@ class TrainerWorker:
     def ready(self) -> bool:
         return True
 
-    def _next_group(self) -> tuple[pa.Table, str] | None:
+    def memory(self) -> dict[str, float]:
+        """This process's pid and resident memory in MB (``rss`` now, ``peak``)."""
+        import os
+
+        from asyncrl.resources import process_memory_mb
+
+        return {"pid": os.getpid(), **process_memory_mb()}
+
+    def _next_group(self, max_entries: int = 1) -> tuple[pa.Table, str] | None:
         """The next group to consider, with the id of the store entry it came in.
 
         An entry may hold several groups (``store.rows_per_message``); those this step does not
         need wait in ``carry`` for the next one, and the entry is acknowledged only once every
-        group of it has been trained or dropped. Waits at most one bounded read for a new entry;
+        group of it has been trained or dropped. Waits at most one bounded read for up to
+        ``max_entries`` new entries (one round trip for all the groups already waiting);
         an entry whose payload is broken or of the wrong schema goes to the dead-letter stream.
         """
         from trainers.batch import split_groups
 
         if not self.carry:
             for entry in self.store.read(
-                Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=1, block_ms=500, expect=TRAJECTORY_SCHEMA
+                Streams.TRAJECTORIES,
+                Groups.TRAINER,
+                "trainer-0",
+                count=max_entries,
+                block_ms=500,
+                expect=TRAJECTORY_SCHEMA,
             ):
                 groups = split_groups(entry.table)
                 self.entry_groups[entry.id] = len(groups)
@@ -88,6 +102,45 @@ class TrainerWorker:
         """Full weights as numpy arrays (they travel through Ray's shared-memory object store)."""
         return {name: tensor.float().numpy() for name, tensor in self.policy.named_weights()}
 
+    # -- bucketed weight sync (sync.transport=broadcast|store; asyncrl/weight_sync.py drives these) --
+
+    def sync_host(self, timeout_s: float) -> int:
+        """Port of this process's rendezvous TCPStore on loopback (created on first call)."""
+        from asyncrl.sync.broadcast import host_rendezvous
+
+        return host_rendezvous(timeout_s).port
+
+    def sync_plan(self, pool: str, dtype: str, bucket_mb: float) -> dict:
+        """The pool's sync plan from this policy's tensors, as plain data (computed once per link)."""
+        from asyncrl.sync.plan import SyncPlan, module_tensors
+
+        tensors = module_tensors(self.policy.engine.module)
+        shapes = [(name, tuple(tensor.shape)) for name, tensor in tensors.items()]
+        return SyncPlan.build(shapes, pool=pool, dtype=dtype, bucket_mb=bucket_mb).to_dict()
+
+    def sync_connect(self, spec, plan: dict) -> None:
+        """Join the pool's link as rank 0 (collective with its engines); replaces an older link of the pool."""
+        from asyncrl.sync.plan import SyncPlan
+        from asyncrl.sync.sender import PoolSender
+        from asyncrl.sync.transport import SENDER_RANK, build_transport
+
+        senders = getattr(self, "_sync_senders", {})
+        old = senders.pop(spec.pool, None)
+        if old is not None:
+            old.close()
+        transport = build_transport(spec, SENDER_RANK)
+        senders[spec.pool] = PoolSender(SyncPlan.from_dict(plan), transport, spec.timeout_s, spec.device)
+        self._sync_senders = senders
+
+    def sync_send(self, version: int) -> dict:
+        """Send the current weights to every connected pool; ``{pool: seconds}``."""
+        from asyncrl.sync.plan import module_tensors
+        from asyncrl.sync.sender import send_to_pools
+
+        # No copy: the optimizer does not step while this runs (the controller syncs between steps).
+        stats = send_to_pools(self._sync_senders, module_tensors(self.policy.engine.module), version)
+        return {pool: stat.seconds for pool, stat in stats.items()}
+
     def train_step(self, version: int) -> dict:
         """Consumes scored groups; waits on the store with bounded blocks until the global batch is full.
 
@@ -106,7 +159,8 @@ class TrainerWorker:
         while trained < needed:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer waited {cfg.run.step_timeout_s}s for {needed} samples, got {trained}")
-            taken = self._next_group() if accepted < needed else None
+            # Every entry holds at least one whole group: never read more entries than the step still needs.
+            taken = self._next_group(-(-(needed - accepted) // cfg.rollout.group_size)) if accepted < needed else None
             if taken is not None:
                 group, entry_id = taken
                 self._consumed(entry_id, finished_entries)

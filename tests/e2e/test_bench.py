@@ -63,3 +63,36 @@ def test_bench_store_measures_every_side_and_prints_the_ratio_last():
     for side in ("ours (TrajectoryStore)", "raw redis SET/GET", "ray object-store queue", "in-process copy"):
         assert any(line.startswith(side) for line in lines), (side, proc.stdout)
     assert "400 trajectories" in proc.stdout and "redis-server" in proc.stdout
+
+
+TRAIN_RATIO_LINE = re.compile(r"^train ratio \(ours/bare DeepSpeed\): (\d+\.\d+)$")
+
+
+@pytest.mark.slow
+def test_bench_train_runs_both_sides_on_the_same_batches_and_prints_the_ratio_last():
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "bench", "train", "configs/tiny.yaml", "--steps", "2", "--repeats", "1",
+         "trainer.prompts_per_step=2", "trainer.micro_batch_size=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    match = TRAIN_RATIO_LINE.match(lines[-1])
+    assert match, proc.stdout
+    assert float(match.group(1)) > 0
+    assert any(line.split("|")[0].strip() == "median" for line in lines), proc.stdout
+    assert "2 optimizer steps/run of 2 prompts x 4 samples" in proc.stdout
+    assert "ZeRO-1" in proc.stdout and "redis-server" in proc.stdout and "peak RSS" in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_train_refuses_a_device_torch_does_not_see():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "bench", "train", "--device", "cuda", "--steps", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "--device cuda" in proc.stderr

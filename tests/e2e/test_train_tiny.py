@@ -32,6 +32,12 @@ def test_three_steps_with_staleness_one(tmp_path):
     assert all(REQUIRED <= m.keys() for m in metrics)
     assert all(m["samples_trained"] == 8 for m in metrics)
     assert sum(metrics[-1]["staleness_hist"].values()) == 24 and set(metrics[-1]["staleness_hist"]) <= {"0", "1"}
+    # Resident memory of every process kind, so users can size machines.
+    for record in metrics:
+        for key in ("rss_mb", "rss_peak_mb"):
+            assert set(record[key]) == {"driver", "trainer-0", "rollout-0", "redis", "ray"}, record[key]
+            assert all(mb > 0 for mb in record[key].values()), record[key]
+        assert all(record["rss_mb"][role] <= record["rss_peak_mb"][role] for role in record["rss_mb"])
 
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     ids = [row["sample_id"] for row in ledger]

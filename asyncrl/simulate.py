@@ -1,0 +1,441 @@
+"""A discrete-event model of the pipeline, to plan a run past the machines at hand.
+
+What it models (each piece mirrors the real code):
+- Admission (asyncrl/scheduler.py): groups issued minus dropped never exceed
+  ``(version + max_staleness + 1) * prompts_per_step``; the controller issues them on a poll
+  tick while a step runs (``admission_poll_s``; 0 issues as soon as a slot opens).
+- Engines (rollout/worker.py): each takes whole groups while ``max_num_seqs // group_size``
+  has room, and decodes its running sequences together (continuous batching): one decode step
+  costs ``engine_step_s * (1 + engine_seq_share * (running - 1)) / pool speed`` and gives every
+  running sequence a token. A group is scored ``reward_s`` after its last sample ends.
+- Trainer (trainers/worker.py): consumes completed groups in completion order, drops one
+  whose ``version_start`` is over the bound, trains each accepted group as it arrives
+  (streaming micro-batches), and ends the step ``step_overhead_s`` after the last one.
+- Sync (asyncrl/controller.py): after each step, ``sync_latency_s + model_gb / link_gbps``
+  during which the trainer waits and every engine pauses; engines then sample at the new
+  version.
+
+Progress between events is fluid (sequences advance by fractional tokens), so a run of many
+engines and long responses costs one event per sequence, not per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import json
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asyncrl.config import Config, SimulateConfig, load_config
+from asyncrl.placement import pools as worker_pools
+
+# Response-length samplers by simulate.response_length: (rng, median, sigma) -> tokens before the cap.
+LENGTH_SAMPLERS: dict[str, Callable[[random.Random, float, float], float]] = {
+    "fixed": lambda rng, median, sigma: median,
+    "lognormal": lambda rng, median, sigma: rng.lognormvariate(math.log(median), sigma),
+}
+
+
+@dataclass(slots=True)
+class Result:
+    """What one simulated run predicts; rates and fractions are over steps 2..N."""
+
+    max_staleness: int
+    trainers: int
+    rollouts: int
+    samples_per_s: float
+    tokens_per_s: float
+    step_seconds: float
+    trainer_wait_seconds: float
+    trainer_idle: float
+    rollout_idle: float
+    staleness_mean: float
+    staleness_max: int
+    dropped_groups: int
+
+
+@dataclass(slots=True)
+class _Group:
+    lengths: list[float]
+    remaining: list[float] = field(default_factory=list)
+    version_start: int = 0
+
+
+@dataclass(slots=True)
+class _Engine:
+    speed: float
+    capacity: int  # groups at once
+    running: list[_Group] = field(default_factory=list)
+    version: int = 0
+    updated_at: float = 0.0
+    paused_until: float = 0.0
+    busy: float = 0.0
+    epoch: int = 0  # bumps whenever its next-finish event is superseded
+
+
+class _Pipeline:
+    """One simulated run; ``run()`` returns its Result."""
+
+    def __init__(self, cfg: Config, max_staleness: int, trainers: int, rollout_pools: list[tuple[str, int]]):
+        sim = cfg.simulate
+        self.cfg, self.sim, self.max_staleness, self.trainers = cfg, sim, max_staleness, trainers
+        self.batch = cfg.trainer.prompts_per_step
+        self.group_size = cfg.rollout.group_size
+        self.rng = random.Random(sim.seed)
+        self.median = sim.length_median or float(cfg.rollout.max_new_tokens)
+        capacity = max(1, cfg.rollout.max_num_seqs // self.group_size)
+        self.engines = [
+            _Engine(speed=sim.pool_speed.get(name, 1.0), capacity=capacity)
+            for name, count in rollout_pools
+            for _ in range(count)
+        ]
+        self.sync_s = sim.sync_latency_s + (sim.model_gb / sim.link_gbps if sim.link_gbps > 0 else 0.0)
+        self.events: list[tuple[float, int, str, object]] = []
+        self.order = itertools.count()
+        self.now = 0.0
+        self.version = 0
+        self.issued = self.dropped = 0
+        self.queue: deque[_Group] = deque()  # issued, not yet taken by an engine
+        self.ready: deque[_Group] = deque()  # scored, not yet consumed by the trainer
+        self.accepted = 0
+        self.trainer_free_at = 0.0
+        self.in_step = False
+        self.step_started = 0.0
+        self.step_compute = 0.0
+        self.step_log: list[dict] = []
+        self.staleness: list[int] = []
+        self.step_tokens = 0.0  # response tokens trained in the current step
+
+    # events ---------------------------------------------------------------------------------
+    def _at(self, time: float, kind: str, payload: object = None) -> None:
+        heapq.heappush(self.events, (time, next(self.order), kind, payload))
+
+    def run(self) -> Result:
+        self._start_step()
+        steps = self.sim.steps
+        while len(self.step_log) < steps:
+            if not self.events:
+                raise RuntimeError("simulation stalled: no event left before the last step (a bug in the model)")
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            getattr(self, f"_on_{kind}")(payload)
+        return self._result()
+
+    def _start_step(self) -> None:
+        self.in_step, self.step_started, self.step_compute, self.accepted = True, self.now, 0.0, 0
+        self.step_tokens = 0.0
+        self.trainer_free_at = self.now
+        if self.sim.admission_poll_s > 0:
+            self._at(self.now + self.sim.admission_poll_s, "poll", self.version)
+        else:
+            self._issue()
+        while self.ready and self.accepted < self.batch:
+            self._consume(self.ready.popleft())
+
+    def _on_poll(self, version: int) -> None:
+        if not self.in_step or version != self.version:
+            return  # the controller polls only while waiting on this step
+        self._issue()
+        self._at(self.now + self.sim.admission_poll_s, "poll", version)
+
+    def _issue(self) -> None:
+        window = (self.version + self.max_staleness + 1) * self.batch
+        for _ in range(max(0, window - (self.issued - self.dropped))):
+            lengths = [self._length() for _ in range(self.group_size)]
+            self.queue.append(_Group(lengths=lengths, remaining=list(lengths)))
+            self.issued += 1
+        for index in range(len(self.engines)):
+            self._fill(index)
+
+    def _length(self) -> float:
+        sampled = LENGTH_SAMPLERS[self.sim.response_length](self.rng, self.median, self.sim.length_sigma)
+        return float(min(self.cfg.rollout.max_new_tokens, max(1, round(sampled))))
+
+    # engines --------------------------------------------------------------------------------
+    def _step_time(self, engine: _Engine) -> float:
+        running = sum(sum(1 for r in g.remaining if r > 0) for g in engine.running)
+        return self.sim.engine_step_s * (1 + self.sim.engine_seq_share * max(0, running - 1)) / engine.speed
+
+    def _advance(self, engine: _Engine) -> None:
+        """Bring ``engine``'s sequences forward to now."""
+        start = max(engine.updated_at, engine.paused_until)
+        if self.now > start and engine.running:
+            tokens = (self.now - start) / self._step_time(engine)
+            for group in engine.running:
+                group.remaining = [max(0.0, r - tokens) if r > 0 else r for r in group.remaining]
+            engine.busy += self.now - start
+        engine.updated_at = max(self.now, engine.updated_at)
+
+    def _fill(self, index: int) -> None:
+        engine = self.engines[index]
+        self._advance(engine)
+        while self.queue and len(engine.running) < engine.capacity:
+            group = self.queue.popleft()
+            # A group taken during a weight reload starts after it, at the version being synced.
+            group.version_start = engine.version if self.now >= engine.paused_until else self.version + 1
+            engine.running.append(group)
+        self._schedule(index)
+
+    def _schedule(self, index: int) -> None:
+        engine = self.engines[index]
+        engine.epoch += 1
+        live = [r for g in engine.running for r in g.remaining if r > 0]
+        if live:
+            start = max(self.now, engine.paused_until)
+            self._at(start + min(live) * self._step_time(engine), "engine", (index, engine.epoch))
+
+    def _on_engine(self, payload: tuple[int, int]) -> None:
+        index, epoch = payload
+        engine = self.engines[index]
+        if epoch != engine.epoch:
+            return
+        self._advance(engine)
+        for group in list(engine.running):
+            group.remaining = [0.0 if 0 < r < 1e-9 else r for r in group.remaining]
+            if all(r <= 0 for r in group.remaining):
+                engine.running.remove(group)
+                self._at(self.now + self.sim.reward_s, "scored", group)
+        self._fill(index)
+
+    # trainer --------------------------------------------------------------------------------
+    def _on_scored(self, group: _Group) -> None:
+        if self.in_step and self.accepted < self.batch:
+            self._consume(group)
+        else:
+            self.ready.append(group)
+
+    def _consume(self, group: _Group) -> None:
+        if self.version - group.version_start > self.max_staleness:
+            self.dropped += 1  # its admission slot opens; the controller issues a replacement
+            if self.sim.admission_poll_s == 0:
+                self._issue()
+            return
+        self.staleness.append(self.version - group.version_start)
+        compute = sum(group.lengths) / (self.sim.train_tokens_per_s * self.trainers)
+        self.trainer_free_at = max(self.now, self.trainer_free_at) + compute
+        self.step_compute += compute
+        self.step_tokens += sum(group.lengths)
+        self.accepted += 1
+        if self.accepted == self.batch:
+            self._at(self.trainer_free_at + self.sim.step_overhead_s, "step_done")
+
+    def _on_step_done(self, _payload: object) -> None:
+        self.in_step = False
+        for index, engine in enumerate(self.engines):
+            self._advance(engine)
+            engine.paused_until = self.now + self.sync_s
+            self._schedule(index)
+        self._at(self.now + self.sync_s, "synced", self.now)
+
+    def _on_synced(self, trained_at: float) -> None:
+        self.version += 1
+        for engine in self.engines:
+            engine.version = self.version
+        wait = trained_at - self.step_started - self.step_compute - self.sim.step_overhead_s
+        self.step_log.append(
+            {
+                "end": self.now,
+                "seconds": self.now - self.step_started,
+                "wait": max(0.0, wait),
+                "busy": self.step_compute,
+                "tokens": self.step_tokens,
+            }
+        )
+        self._start_step()
+
+    def _result(self) -> Result:
+        measured = self.step_log[1:]
+        start = self.step_log[0]["end"]
+        span = self.step_log[-1]["end"] - start
+        busy = sum(s["busy"] for s in measured) + len(measured) * (self.sim.step_overhead_s + self.sync_s)
+        for engine in self.engines:
+            self.now = self.step_log[-1]["end"]
+            self._advance(engine)
+        engine_busy = sum(e.busy for e in self.engines) / len(self.engines)
+        return Result(
+            max_staleness=self.max_staleness,
+            trainers=self.trainers,
+            rollouts=len(self.engines),
+            samples_per_s=len(measured) * self.batch * self.group_size / span,
+            tokens_per_s=sum(s["tokens"] for s in measured) / span,
+            step_seconds=span / len(measured),
+            trainer_wait_seconds=sum(s["wait"] for s in measured) / len(measured),
+            trainer_idle=max(0.0, 1 - busy / span),
+            rollout_idle=max(0.0, 1 - engine_busy / self.step_log[-1]["end"]),
+            staleness_mean=sum(self.staleness) / len(self.staleness),
+            staleness_max=max(self.staleness),
+            dropped_groups=self.dropped,
+        )
+
+
+def simulate(cfg: Config, max_staleness: int | None = None, split: tuple[int, list[tuple[str, int]]] | None = None):
+    """Simulate ``cfg`` at ``max_staleness`` (default: the config's) with ``split`` = (trainer workers,
+    [(rollout pool, workers)]) (default: the config's pools)."""
+    trainers, rollout_pools = split or _split(cfg)
+    k = cfg.scheduler.max_staleness if max_staleness is None else max_staleness
+    return _Pipeline(cfg, k, trainers, rollout_pools).run()
+
+
+def _split(cfg: Config) -> tuple[int, list[tuple[str, int]]]:
+    pool_list = worker_pools(cfg)
+    trainers = sum(p.count for p in pool_list if p.role == "trainer")
+    return trainers, [(p.name, p.count) for p in pool_list if p.role == "rollout"]
+
+
+def splits(cfg: Config) -> list[tuple[int, list[tuple[str, int]]]]:
+    """The pool splits of ``simulate.rollout_share_sweep``: the same accelerators (CPUs without GPUs) shared
+    out again between the trainer pool and the rollout pools (in their original proportions)."""
+    if not cfg.simulate.rollout_share_sweep:
+        return [_split(cfg)]
+    pool_list = worker_pools(cfg)
+
+    def units(pool) -> float:
+        return pool.gpus or pool.cpus or 1.0
+
+    trainer = next(p for p in pool_list if p.role == "trainer")
+    rollout = [p for p in pool_list if p.role == "rollout"]
+    total = sum(units(p) * p.count for p in pool_list)
+    rollout_total = sum(p.count for p in rollout)
+    found = []
+    for share in cfg.simulate.rollout_share_sweep:
+        trainers = max(1, round(total * (1 - share) / units(trainer)))
+        left = total - trainers * units(trainer)
+        counts = [max(1, round(left * p.count / rollout_total / units(p))) for p in rollout]
+        found.append((trainers, [(p.name, n) for p, n in zip(rollout, counts, strict=True)]))
+    return found
+
+
+def sweep(cfg: Config) -> list[Result]:
+    """Every (pool split, max_staleness) of the config's sweep."""
+    return [simulate(cfg, k, split) for split in splits(cfg) for k in cfg.simulate.staleness_sweep]
+
+
+# calibration ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """Per-stage costs of a real run, from its metrics.jsonl (steps 2..N: step 1 holds engine warm-up)."""
+
+    run_dir: str
+    cfg: Config
+    samples_per_s: float
+    trainer_wait_seconds: float
+    train_tokens_per_s: float
+    sync_seconds: float
+    step_overhead_s: float
+    response_tokens_mean: float
+    steps: int
+
+
+def measure(run_dir: str | Path) -> Measured:
+    run_dir = Path(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = records[1:] or records
+    if len(records) < 3:
+        raise ValueError(f"{run_dir}: calibration needs at least 3 steps in metrics.jsonl, found {len(records)}")
+    tokens = [r["samples_trained"] * r["response_tokens_mean"] for r in steady]
+    compute = [t / r["train_tokens_per_s"] for t, r in zip(tokens, steady, strict=True)]
+    overhead = [
+        r["step_seconds"] - r["trainer_wait_seconds"] - c - r["sync_seconds"]
+        for r, c in zip(steady, compute, strict=True)
+    ]
+    cfg = load_config(run_dir / "config.yaml")
+    return Measured(
+        run_dir=str(run_dir),
+        cfg=cfg,
+        samples_per_s=sum(r["samples_trained"] for r in steady) / sum(r["step_seconds"] for r in steady),
+        trainer_wait_seconds=sum(r["trainer_wait_seconds"] for r in steady) / len(steady),
+        train_tokens_per_s=sum(tokens) / sum(compute),
+        sync_seconds=sum(r["sync_seconds"] for r in steady) / len(steady),
+        step_overhead_s=max(0.0, sum(overhead) / len(overhead)),
+        response_tokens_mean=sum(tokens) / sum(r["samples_trained"] for r in steady),
+        steps=len(records),
+    )
+
+
+def as_run(measured: Measured, sim: SimulateConfig) -> Config:
+    """The measured run's own config with ``sim``'s costs, simulated for as many steps as it ran."""
+    return dataclasses.replace(measured.cfg, simulate=dataclasses.replace(sim, steps=measured.steps, calibrate_from=[]))
+
+
+def calibrate(sim: SimulateConfig, runs: list[Measured]) -> SimulateConfig:
+    """``sim`` with the runs' measured training, sync and overhead costs, their mean response length, and the
+    ``engine_step_s`` whose simulated trainer wait matches the measured one (bisection; the wait grows with it)."""
+    calibrated = dataclasses.replace(
+        sim,
+        train_tokens_per_s=sum(m.train_tokens_per_s for m in runs) / len(runs),
+        sync_latency_s=sum(m.sync_seconds for m in runs) / len(runs),
+        model_gb=0.0,
+        step_overhead_s=sum(m.step_overhead_s for m in runs) / len(runs),
+        response_length="fixed",
+        length_median=sum(m.response_tokens_mean for m in runs) / len(runs),
+        reward_s=0.0,
+    )
+    measured_wait = sum(m.trainer_wait_seconds for m in runs)
+
+    def simulated_wait(engine_step_s: float) -> float:
+        trial = dataclasses.replace(calibrated, engine_step_s=engine_step_s)
+        return sum(simulate(as_run(m, trial)).trainer_wait_seconds for m in runs)
+
+    low, high = 1e-6, 10.0
+    for _ in range(40):
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if simulated_wait(middle) < measured_wait else (low, middle)
+    return dataclasses.replace(calibrated, engine_step_s=math.sqrt(low * high))
+
+
+# report --------------------------------------------------------------------------------------
+def report(cfg: Config) -> str:
+    """The text `asyncrl simulate` prints: calibration (if any) with its check against the runs, then the sweep."""
+    lines = []
+    if cfg.simulate.calibrate_from:
+        runs = [measure(path) for path in cfg.simulate.calibrate_from]
+        cfg = dataclasses.replace(cfg, simulate=calibrate(cfg.simulate, runs))
+        sim = cfg.simulate
+        lines.append(
+            f"calibrated from {len(runs)} run(s): engine_step_s={sim.engine_step_s:.4g} "
+            f"train_tokens_per_s={sim.train_tokens_per_s:.4g} sync_latency_s={sim.sync_latency_s:.4g} "
+            f"step_overhead_s={sim.step_overhead_s:.4g} length_median={sim.length_median:.4g}"
+        )
+        for m in runs:
+            predicted = simulate(as_run(m, sim)).samples_per_s
+            lines.append(
+                f"  {m.run_dir} (max_staleness={m.cfg.scheduler.max_staleness}): real {m.samples_per_s:.2f} "
+                f"samples/s, predicted {predicted:.2f} ({100 * (predicted / m.samples_per_s - 1):+.1f}%)"
+            )
+    sim = cfg.simulate
+    length = (
+        f"fixed {sim.length_median or cfg.rollout.max_new_tokens:g}"
+        if sim.response_length == "fixed"
+        else f"lognormal(median {sim.length_median or cfg.rollout.max_new_tokens:g}, sigma {sim.length_sigma:g})"
+    )
+    lines.append(
+        f"pipeline: {cfg.trainer.prompts_per_step} x {cfg.rollout.group_size} samples/step, response length "
+        f"{length} cut at {cfg.rollout.max_new_tokens}, {sim.steps} steps"
+    )
+    header = f"{'trainers':>8} {'rollouts':>8} {'k':>3} {'samples/s':>10} {'tokens/s':>9} {'step s':>8} {'vs k=0':>7} "
+    header += f"{'trainer idle':>12} {'rollout idle':>12} {'stale mean':>10} {'max':>4} {'dropped':>7}"
+    lines.append(header)
+    results = sweep(cfg)
+    baselines = {(r.trainers, r.rollouts): r.samples_per_s for r in results if r.max_staleness == 0}
+    for r in results:
+        base = baselines.get((r.trainers, r.rollouts))
+        speedup = f"{r.samples_per_s / base:.2f}x" if base else "-"
+        lines.append(
+            f"{r.trainers:>8} {r.rollouts:>8} {r.max_staleness:>3} {r.samples_per_s:>10.3f} {r.tokens_per_s:>9.0f} "
+            f"{r.step_seconds:>8.2f} "
+            f"{speedup:>7} {r.trainer_idle:>12.2f} {r.rollout_idle:>12.2f} {r.staleness_mean:>10.2f} "
+            f"{r.staleness_max:>4} {r.dropped_groups:>7}"
+        )
+    best_sync = max(baselines.values()) if baselines else None
+    if best_sync:
+        best = max(results, key=lambda r: r.samples_per_s)
+        lines.append(
+            f"best: {best.trainers} trainers, {best.rollouts} rollouts, max_staleness={best.max_staleness}: "
+            f"{best.samples_per_s:.3f} samples/s = {best.samples_per_s / best_sync:.2f}x the best synchronous split"
+        )
+    return "\n".join(lines)

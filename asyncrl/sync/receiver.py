@@ -1,0 +1,86 @@
+"""Engine side of a sync: receive every bucket into staging buffers, then switch in one step.
+
+Staging buffers are allocated once from the plan; a sync writes them while the engine keeps decoding
+with the live weights (``inflight``), then hands the engine the whole new weight set at once, which
+it loads between two steps under its lock: no step ever sees half of one version and half of the
+next. In ``pause`` mode the engine stops stepping from the first bucket to the switch instead.
+A sync that fails or times out leaves the live weights untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from asyncrl.sync.plan import SyncPlan
+from asyncrl.sync.transport import LinkSpec, WeightTransport, build_transport
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveStats:
+    receive_seconds: float
+    """First bucket awaited to last bucket staged (the engine decoded meanwhile in inflight mode)."""
+    switch_seconds: float
+    """The engine's pause to load the staged weights."""
+    bytes: int
+
+
+class WeightReceiver:
+    """One engine's end of a pool link, with the pool's plan and staging buffers."""
+
+    def __init__(self, plan: SyncPlan, transport: WeightTransport, device: str = "cpu") -> None:
+        self.plan, self.transport = plan, transport
+        self.staging = [plan.empty_bucket(bucket, device) for bucket in plan.buckets]
+
+    @classmethod
+    def connect(cls, plan_dict: dict, spec: LinkSpec, rank: int) -> WeightReceiver:
+        """Join the pool's link as ``rank`` with the plan the sender published (collective for broadcast)."""
+        return cls(SyncPlan.from_dict(plan_dict), build_transport(spec, rank), spec.device)
+
+    def receive(self, version: int) -> list[tuple[str, torch.Tensor]]:
+        """Every bucket of ``version``, staged; the named views stay valid until the next ``receive``."""
+        named = []
+        for bucket, buffer in zip(self.plan.buckets, self.staging, strict=True):
+            self.transport.receive(version, bucket.index, buffer)
+            named.extend(self.plan.unflatten(bucket, buffer))
+        return named
+
+    def staged(self) -> list[tuple[str, torch.Tensor]]:
+        """Named views of the staging buffers (what the last ``receive`` staged)."""
+        return [
+            named
+            for bucket, flat in zip(self.plan.buckets, self.staging, strict=True)
+            for named in self.plan.unflatten(bucket, flat)
+        ]
+
+    def sync(
+        self,
+        version: int,
+        apply: Callable[[list[tuple[str, torch.Tensor]], int], object],
+        pause: Callable[[], object] | None = None,
+    ) -> ReceiveStats:
+        """Receive ``version`` and switch to it with ``apply(named_tensors, version)``.
+
+        ``pause`` (mode ``pause``): a context manager factory that stops the engine stepping for the
+        whole receive; without it (``inflight``) the engine decodes until ``apply``.
+        """
+        started = time.perf_counter()
+        if pause is None:
+            named = self.receive(version)
+            received = time.perf_counter()
+            apply(named, version)
+        else:
+            with pause():
+                named = self.receive(version)
+                received = time.perf_counter()
+                apply(named, version)
+        done = time.perf_counter()
+        return ReceiveStats(received - started, done - received, self.plan.nbytes)
+
+    def close(self) -> None:
+        self.transport.close()

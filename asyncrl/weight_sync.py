@@ -1,0 +1,148 @@
+"""Controller side of weight sync: move each new policy version from the trainer to every engine.
+
+``build_weight_sync(cfg, ...)`` picks the strategy for ``sync.transport`` from ``STRATEGIES``:
+
+- ``object_store``: the trainer's weights as one numpy dict through Ray's object store; every engine
+  loads it (the original path, no plan, no group).
+- ``broadcast`` / ``store``: a bucketed link per pool (``asyncrl.sync``): the trainer builds the plan
+  once, publishes it to the engines with the link spec, and each sync only moves bucket payloads;
+  the trainer packs bucket i+1 while bucket i is on the wire, engines stage buckets while decoding
+  and switch at a step boundary (``sync.mode``).
+
+Fault tolerance (bucketed): every call is bounded by ``sync.timeout_s``. An engine whose actor died
+during a sync is dropped from the pool, the group is rebuilt over the survivors (a new generation,
+so nobody waits on the dead rank again) and the run goes on; ``rejoin`` adds a returned engine back.
+Any other failure raises ``SyncError`` naming the pool, the engine and the bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from asyncrl.config import Config
+from asyncrl.sync.transport import LinkSpec, SyncError
+
+log = logging.getLogger(__name__)
+
+POOL = "rollout"
+"""The only pool the config declares today (``rollout``); several pools need ``rollout.pools``."""
+
+CONNECT_MARGIN_S = 10.0
+"""Extra time over ``sync.timeout_s`` for the Ray round trips around a collective."""
+
+
+class ObjectStoreSync:
+    """``sync.transport=object_store``: one numpy dict through Ray's object store per sync."""
+
+    def __init__(self, cfg: Config, trainer: Any, rollouts: list, store_url: str) -> None:
+        self.trainer, self.rollouts, self.timeout_s = trainer, rollouts, cfg.sync.timeout_s
+
+    def sync(self, version: int) -> float:
+        import ray
+
+        tic = time.monotonic()
+        weights = self.trainer.weights.remote()
+        refs = [w.update_weights.remote(weights, version) for w in self.rollouts]
+        done, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        if waiting:
+            raise SyncError(
+                f"weight sync to version {version} timed out after {self.timeout_s}s on {len(waiting)} engine(s)"
+            )
+        ray.get(done)
+        return time.monotonic() - tic
+
+    def close(self) -> None:
+        pass
+
+
+class BucketedSync:
+    """``sync.transport=broadcast|store``: one planned, bucketed link from the trainer to the pool."""
+
+    def __init__(self, cfg: Config, trainer: Any, rollouts: list, store_url: str) -> None:
+        self.cfg, self.trainer, self.rollouts, self.store_url = cfg, trainer, rollouts, store_url
+        self.live = list(range(len(rollouts)))
+        """Indices of the engines in the current group, in rank order (rank = position + 1)."""
+        self.generation = -1
+        self._connect()
+
+    def _connect(self) -> None:
+        """(Re)build the pool's link over the live engines: a new generation of the group."""
+        import ray
+
+        sc, timeout = self.cfg.sync, self.cfg.sync.timeout_s + CONNECT_MARGIN_S
+        self.generation += 1
+        # Only the broadcast transport rendezvouses there; hosting it for the store transport costs one idle socket.
+        port = ray.get(self.trainer.sync_host.remote(sc.timeout_s), timeout=timeout)
+        spec = LinkSpec(
+            pool=POOL,
+            transport=sc.transport,
+            world_size=1 + len(self.live),
+            timeout_s=sc.timeout_s,
+            generation=self.generation,
+            port=port,
+            store_url=self.store_url,
+            run_id=self.cfg.run.name,
+        )
+        plan = ray.get(self.trainer.sync_plan.remote(POOL, self.cfg.model.dtype, sc.bucket_mb), timeout=timeout)
+        refs = [self.trainer.sync_connect.remote(spec, plan)]
+        refs += [self.rollouts[i].sync_connect.remote(plan, spec, rank) for rank, i in enumerate(self.live, 1)]
+        ray.get(refs, timeout=timeout)
+
+    def sync(self, version: int) -> float:
+        import ray
+
+        tic = time.monotonic()
+        timeout = self.cfg.sync.timeout_s + CONNECT_MARGIN_S
+        send = self.trainer.sync_send.remote(version)
+        receives = {i: self.rollouts[i].sync_receive.remote(version, self.cfg.sync.mode) for i in self.live}
+        refs = [send, *receives.values()]
+        _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        dead, errors = [], []
+        for index, ref in receives.items():
+            if ref in waiting:
+                errors.append(f"engine {index} did not finish within {timeout:.0f}s")
+                continue
+            try:
+                ray.get(ref)
+            except ray.exceptions.ActorDiedError:
+                dead.append(index)
+            except ray.exceptions.RayTaskError as err:
+                errors.append(str(err.cause))
+        if send in waiting:
+            errors.append(f"the trainer did not finish sending within {timeout:.0f}s")
+        else:
+            try:
+                ray.get(send)
+            except ray.exceptions.RayTaskError as err:
+                if not dead:  # a send that failed because a receiver died is expected: rebuild below
+                    errors.append(str(err.cause))
+        if dead:
+            log.warning("pool %s: engine(s) %s died during the sync to version %d; rebuilding the group without them",
+                        POOL, dead, version)  # fmt: skip
+            self.live = [i for i in self.live if i not in dead]
+            if not self.live:
+                raise SyncError(f"pool {POOL}: every engine died during the sync to version {version}")
+            self._connect()
+        if errors:
+            raise SyncError(f"pool {POOL}: sync to version {version} failed: " + "; ".join(errors))
+        return time.monotonic() - tic
+
+    def rejoin(self, index: int) -> None:
+        """Add engine ``index`` (restarted) back to the pool: the group is rebuilt with it."""
+        if index not in self.live:
+            self.live = sorted([*self.live, index])
+            self._connect()
+
+    def close(self) -> None:
+        pass
+
+
+STRATEGIES: dict[str, type] = {"object_store": ObjectStoreSync, "broadcast": BucketedSync, "store": BucketedSync}
+"""Controller-side strategy per ``sync.transport``."""
+
+
+def build_weight_sync(cfg: Config, trainer: Any, rollouts: list, store_url: str) -> ObjectStoreSync | BucketedSync:
+    """The weight sync for ``cfg.sync.transport`` between these actors (connects bucketed links now)."""
+    return STRATEGIES[cfg.sync.transport](cfg, trainer, rollouts, store_url)
