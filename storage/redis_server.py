@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,8 +70,10 @@ class EmbeddedRedis:
     """A ``redis-server`` child process; ``start()`` it, use ``.url``, ``stop()`` it (or use ``with``).
 
     ``password=None`` generates one; ``""`` runs without one, allowed on a loopback host only.
-    ``port=0`` picks a free port. Data, config and logs live in ``dir``. ``extra_args`` go to the
-    server's command line as they are (e.g. ``--tls-port`` and its certificate files).
+    ``port=0`` picks a free port. Data, config and logs live in ``dir``. ``unix_socket`` also
+    listens on a Unix socket (mode 0700) in ``dir``: processes on this machine reach it through
+    ``.unix_url`` without the TCP stack.
+    ``extra_args`` go to the server's command line as they are (e.g. ``--tls-port`` and its files).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class EmbeddedRedis:
         host: str = "127.0.0.1",
         port: int = 0,
         password: str | None = None,
+        unix_socket: bool = False,
         extra_args: Sequence[str] = (),
     ) -> None:
         if password == "" and not _is_loopback(host):
@@ -93,6 +97,7 @@ class EmbeddedRedis:
         self.port = port
         self.password = secrets.token_hex(16) if password is None else password
         self.extra_args = list(extra_args)
+        self.socket_path = _socket_path(self.dir) if unix_socket else None
         self.logfile = self.dir / "redis.log"
         self._proc: subprocess.Popen | None = None
         self._log_offsets = (0, 0)
@@ -105,6 +110,14 @@ class EmbeddedRedis:
         host = f"[{self.host}]" if ":" in self.host else self.host
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}{host}:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """``unix://PATH?password=...&db=0`` of the running server's Unix socket."""
+        if self._proc is None or self.socket_path is None:
+            raise StoreError("the embedded redis-server is not started with a Unix socket")
+        auth = f"password={quote(self.password, safe='')}&" if self.password else ""
+        return f"unix://{self.socket_path}?{auth}db=0"
 
     @property
     def pid(self) -> int | None:
@@ -156,6 +169,7 @@ class EmbeddedRedis:
             "--dir", str(self.dir),
             "--daemonize", "no",
             "--logfile", str(self.logfile),
+            *(["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"] if self.socket_path else []),
             *self.extra_args,
         ]  # fmt: skip
         self._log_offsets = tuple(path.stat().st_size if path.exists() else 0 for path in self._log_paths())
@@ -224,6 +238,8 @@ class EmbeddedRedis:
             return
         atexit.unregister(self.stop)
         (self.dir / STATE_FILE).unlink(missing_ok=True)
+        if self.socket_path is not None and self.socket_path.parent != self.dir:
+            shutil.rmtree(self.socket_path.parent, ignore_errors=True)  # the short folder made for it
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -237,6 +253,15 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _socket_path(dir: Path) -> Path:
+    """``dir/redis.sock``, or one in a fresh short folder when that path is too long for a Unix
+    socket (the kernel allows 107 bytes)."""
+    path = dir / "redis.sock"
+    if len(str(path)) <= 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="asyncrl-redis-")) / "redis.sock"
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -9,7 +9,8 @@ then all read back and acknowledged, in batches of ``read_batch`` messages:
 - ``raw redis``: SET of the message's Arrow IPC bytes, then GET and DEL of each, pipelined per
   read batch, through the same client: the most a Redis client can do with these bytes.
 - ``ray queue``: a Ray actor holding a queue; ``put.remote(table)`` per message, then
-  ``get.remote(n)``, as verl's message queue moves samples.
+  ``get.remote(n)``, as verl's message queue moves samples. Timed after the others, with Ray up
+  (Ray's own processes would otherwise slow every side on a small machine).
 - ``memory copy``: each message's bytes copied into a buffer and back out of it, in this
   process: the physical limit of moving them twice.
 
@@ -35,6 +36,7 @@ import pyarrow as pa
 from asyncrl.bench.memory import own_peak_rss_mb, server_peak_rss_mb
 from asyncrl.config import Config
 from asyncrl.types import TRAJECTORY_SCHEMA
+from storage import redact_url
 
 STREAM, GROUP, CONSUMER = "bench", "bench", "bench-0"
 
@@ -221,7 +223,24 @@ class MemoryCopy:
         self._held, self._out = [], []
 
 
-SIDES: tuple[Callable, ...] = (OurStore, RawRedis, RayQueue, MemoryCopy)
+# Ray's own processes (GCS, raylet) keep a share of a small machine busy while Ray is up, so the
+# sides that do not need Ray run before it starts, and the Ray queue runs on its own afterwards.
+SIDES: tuple[Callable, ...] = (OurStore, RawRedis, MemoryCopy)
+
+
+def _time_sides(sides: list, work: Workload, read_batch: int, repeats: int, seconds: dict[str, list[float]]) -> None:
+    """Warm each side up once, then run them alternately ``repeats`` times, recording seconds."""
+    try:
+        for side in sides:  # warm-up: connections, script loading, first allocations
+            side.run(work, read_batch)
+        for _ in range(repeats):
+            for side in sides:
+                tic = time.perf_counter()
+                side.run(work, read_batch)
+                seconds.setdefault(side.name, []).append(time.perf_counter() - tic)
+    finally:
+        for side in sides:
+            side.close()
 
 
 def bench_store(
@@ -241,24 +260,12 @@ def bench_store(
 
     work = build_workload(trajectories, rows, prompt_tokens, response_tokens)
     seconds: dict[str, list[float]] = {}
-    with (
-        tempfile.TemporaryDirectory(prefix="asyncrl-bench-") as tmp,
-        store_server(cfg, Path(tmp)) as url,
-        ray_session(cfg),
-    ):
-        sides = [side(url, cfg) for side in SIDES]
-        try:
-            for side in sides:  # warm-up: connections, script loading, first allocations
-                side.run(work, read_batch)
-            for _ in range(repeats):
-                for side in sides:
-                    tic = time.perf_counter()
-                    side.run(work, read_batch)
-                    seconds.setdefault(side.name, []).append(time.perf_counter() - tic)
-            redis_peak = None if cfg.store.url else server_peak_rss_mb(url, cfg.store.timeout_s)
-        finally:
-            for side in sides:
-                side.close()
+    with tempfile.TemporaryDirectory(prefix="asyncrl-bench-") as tmp, store_server(cfg, Path(tmp)) as url:
+        _time_sides([side(url, cfg) for side in SIDES], work, read_batch, repeats, seconds)
+        redis_peak = None if cfg.store.url else server_peak_rss_mb(url, cfg.store.timeout_s)
+        where = redact_url(url)
+        with ray_session(cfg):
+            _time_sides([RayQueue(url, cfg)], work, read_batch, repeats, seconds)
 
     median = {name: statistics.median(times) for name, times in seconds.items()}
     gbps = {name: work.bytes / value / 1e9 for name, value in median.items()}
@@ -267,7 +274,7 @@ def bench_store(
         f"asyncrl bench store: {work.trajectories} trajectories of {prompt_tokens} prompt + {response_tokens} "
         f"response tokens (ids, log-probs, versions) in {len(work.messages)} messages of {rows} rows, "
         f"{work.bytes / 1e6:.1f} MB of Arrow IPC; put all, then read+ack {read_batch} messages at a time; "
-        f"median of {repeats}\n",
+        f"median of {repeats}\nstore: {where} (store.unix_socket={cfg.store.unix_socket})\n",
         file=out,
     )
     print(f"{'side':<26} {'GB/s':>7} {'traj/s':>10} {'seconds':>8} {'vs raw redis':>13}", file=out)

@@ -272,3 +272,30 @@ def test_concurrent_consumers_split_the_stream(store: TrajectoryStore, redis_url
     all_ids = [entry_id for ids in got.values() for entry_id in ids]
     assert sorted(all_ids) == sorted(put_ids)
     assert store.pending("trajectories", "trainer") == 0
+
+
+def test_embedded_redis_serves_a_unix_socket_with_the_same_password(tmp_path) -> None:
+    with EmbeddedRedis(tmp_path, unix_socket=True) as server:
+        url = server.unix_url
+        assert url.startswith(f"unix://{tmp_path.resolve()}/redis.sock?password=")
+        client = connect(url, timeout_s=5.0)
+        local = TrajectoryStore(client, "unix-run", 5.0)
+        local.ensure_group("trajectories", "trainer")
+        local.put("trajectories", trajectories(3))
+        (entry,) = local.read("trajectories", "trainer", "t0")
+        assert entry.table.equals(trajectories(3))
+        client.close()
+        wrong = url.replace(server.password, "not-the-password")
+        with pytest.raises(StoreError) as failure:
+            connect(wrong, timeout_s=5.0)
+        assert "not-the-password" not in str(failure.value) and "password=***" in str(failure.value)
+    assert not (tmp_path / "redis.sock").exists()
+
+
+def test_a_socket_path_too_long_for_the_kernel_moves_to_a_short_folder(tmp_path) -> None:
+    deep = tmp_path / ("d" * 120)
+    with EmbeddedRedis(deep, unix_socket=True) as server:
+        assert len(str(server.socket_path)) <= 100
+        connect(server.unix_url, timeout_s=5.0).close()
+        short_folder = server.socket_path.parent
+    assert not short_folder.exists()
