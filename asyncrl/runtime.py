@@ -59,6 +59,14 @@ def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
         server.stop()
 
 
+def worker_process_env(threads: int) -> None:
+    """Give this process a worker's environment (``WORKER_ENV``, ``threads`` compute threads), as a
+    bench that runs engines in-process needs; call it before torch or vLLM is imported."""
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def _cluster_address(cfg: Config) -> str:
     """The Ray cluster to join (``run.ray_address`` or $RAY_ADDRESS, as under ``ray job submit``); '' runs locally."""
     return cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")

@@ -13,7 +13,6 @@ differ between runs, so the figure compared is response tokens per second, not s
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -154,13 +153,11 @@ def bench_rollout(
 ) -> float:
     """Time bare vLLM and our rollout path alternately ``repeats`` times; print a table; return the
     ratio of median tokens/s (ours / bare vLLM). Prints that ratio as the last line."""
+    from asyncrl.runtime import worker_process_env
+
     threads = str(cfg.rollout.threads)
     # Before torch or vLLM load: both engines share this process, hence one thread setting for both.
-    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-    from asyncrl.runtime import WORKER_ENV
-
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
+    worker_process_env(cfg.rollout.threads)
 
     from transformers import AutoTokenizer
 

@@ -17,7 +17,6 @@ Both engines live in this process and run alternately, with ``trainer.threads`` 
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -207,12 +206,10 @@ def bench_train(
     """Time bare DeepSpeed and our trainer alternately ``repeats`` times (``steps`` optimizer steps
     each, after one warm-up step each); print a table; return and print last the ratio of median
     trained tokens/s (ours / bare DeepSpeed)."""
-    threads = str(cfg.trainer.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
-    from asyncrl.runtime import WORKER_ENV
+    from asyncrl.runtime import worker_process_env
 
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
+    threads = str(cfg.trainer.threads)
+    worker_process_env(cfg.trainer.threads)
     import torch
     from transformers import AutoTokenizer
 
