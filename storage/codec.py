@@ -16,8 +16,8 @@ The hash holds:
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -34,34 +34,64 @@ def segment_key(payload_key: str, segment: str) -> str:
     return f"{payload_key}:s:{segment}"
 
 
-class IpcEncoder:
-    """Writes Arrow IPC streams into a reused buffer, one per thread.
+# Pieces below this size are gathered into one buffer (one send instead of many tiny ones);
+# larger ones, the column data, go to the socket straight from the table's memory.
+_GATHER_BELOW = 64 * 1024
 
-    A fresh output buffer per batch costs more than the encoding itself: the allocator hands
-    large blocks back to the OS on free, so each new one page-faults in again. The returned view
-    is valid until the same thread's next ``encode`` (the caller sends it before encoding again).
-    """
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """An Arrow IPC stream as the pieces the writer produced, not copied into one buffer."""
+
+    parts: list[memoryview | bytearray]
+    """In order: framing and metadata gathered together, column buffers as views of the table."""
+    nbytes: int
+
+
+class _GatherSink:
+    """A write-only file for ``pa.PythonFile``: Arrow hands it the IPC framing as small bytes and
+    each column buffer as a ``pa.Buffer`` over the table's own memory, which it keeps by reference."""
+
+    __slots__ = ("closed", "nbytes", "parts", "small")
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self.parts: list[memoryview | bytearray] = []
+        self.small = bytearray()
+        self.nbytes = 0
+        self.closed = False
 
-    def encode(self, table: pa.Table) -> memoryview:
-        scratch = getattr(self._local, "scratch", bytearray())
-        while True:
-            sink = pa.FixedSizeBufferWriter(pa.py_buffer(scratch))
-            try:
-                with pa.ipc.new_stream(sink, table.schema) as writer:
-                    writer.write_table(table)
-                self._local.scratch = scratch
-                return memoryview(scratch)[: sink.tell()]
-            except (pa.ArrowInvalid, OSError, ValueError):
-                # Too small for this batch: size it exactly, with room for the next ones.
-                counter = pa.MockOutputStream()
-                with pa.ipc.new_stream(counter, table.schema) as writer:
-                    writer.write_table(table)
-                if counter.size() <= len(scratch):
-                    raise
-                scratch = bytearray(2 * counter.size())
+    def write(self, data: bytes | pa.Buffer) -> int:
+        view = memoryview(data)
+        self.nbytes += view.nbytes
+        if view.nbytes < _GATHER_BELOW:
+            self.small += view
+        else:
+            if self.small:
+                self.parts.append(self.small)
+                self.small = bytearray()
+            self.parts.append(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def encode_segment(table: pa.Table) -> Segment:
+    """``table`` as one Arrow IPC stream, without copying its column data.
+
+    The segment refers to the table's buffers, so it stays valid as long as it is held; sending
+    its parts one after another costs no copy of the batch (a contiguous encode costs one, and
+    packing a contiguous argument into a command another).
+    """
+    sink = _GatherSink()
+    with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), table.schema) as writer:
+        writer.write_table(table)
+    if sink.small:
+        sink.parts.append(sink.small)
+    return Segment(sink.parts, sink.nbytes)
 
 
 def segment_field(table: pa.Table, key: str) -> tuple[bytes, bytes]:

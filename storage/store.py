@@ -34,14 +34,16 @@ from storage import scripts
 from storage.client import StoreError, connect
 from storage.codec import (
     ORDER_FIELD,
-    IpcEncoder,
     PayloadError,
+    Segment,
     decode_columns,
+    encode_segment,
     needed_segments,
     segment_field,
     segment_key,
     stored_names,
 )
+from storage.wire import set_then
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,6 @@ class TrajectoryStore:
         self.prefix = run_prefix(run_id)
         timeout_ms = int(timeout_s * 1000)
         self.max_block_ms = max(1, timeout_ms - min(_BLOCK_MARGIN_MS, timeout_ms // 2))
-        self._encoder = IpcEncoder()
         self.put_wait_s = 0.0
         """Seconds ``put`` has waited for room on a full stream, in total."""
         self._put = client.register_script(scripts.PUT)
@@ -200,7 +201,7 @@ class TrajectoryStore:
         ``limits.put_timeout_s``. The batch's bytes are written before the script that appends
         the entry, so a reader never sees an entry whose payload is not all there.
         """
-        data = self._encoder.encode(table)
+        data = encode_segment(table)
         meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
         stream_key = self.key(stream)
         started, pause = None, 0.001
@@ -219,21 +220,20 @@ class TrajectoryStore:
             self.put_wait_s += time.monotonic() - started
         return _text(entry_id)
 
-    def _try_put(self, stream_key: str, table: pa.Table, data: memoryview, meta: bytes) -> str | None:
+    def _try_put(self, stream_key: str, table: pa.Table, data: Segment, meta: bytes) -> str | None:
         payload_key = self.key(f"payload:{uuid.uuid4().hex}")
         segment = segment_key(payload_key, "0")
         field, names = segment_field(table, segment)
         limits = self.limits
         # Not a MULTI: the segment is written first and only an entry that the script appends
         # points at it, so no reader can see a half-written batch; a refused put deletes it.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(segment, data)
-        pipe.evalsha(
-            self._put.sha, 4, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
-            limits.max_entries, limits.max_bytes, data.nbytes, table.num_rows, meta, ORDER_FIELD, names, field, names,
-        )  # fmt: skip
         try:
-            _, entry_id = pipe.execute()
+            entry_id = set_then(
+                self.client, segment, data,
+                "EVALSHA", self._put.sha, 4, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
+                limits.max_entries, limits.max_bytes, data.nbytes, table.num_rows, meta, ORDER_FIELD, names, field,
+                names,
+            )  # fmt: skip
         except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
             self.client.delete(segment)
             self._load_scripts()
@@ -330,8 +330,7 @@ class TrajectoryStore:
         source, target = self.key(stream), self.key(to)
         ready = list(ready_when)
         packed_meta = msgpack.packb(meta, use_bin_type=True) if meta is not None else b""
-        segment, new_fields = "", []
-        pipe = self.client.pipeline(transaction=False)
+        segment, new_fields, data = "", [], None
         if columns is not None and columns.num_columns:
             payload_key = self._payload_of(stream, entry_id)
             if payload_key is None:
@@ -339,14 +338,20 @@ class TrajectoryStore:
             segment = segment_key(payload_key, uuid.uuid4().hex[:12])
             segment_field(columns, segment)  # checks the names
             new_fields = list(columns.column_names)
-            pipe.set(segment, self._encoder.encode(columns))
-        pipe.evalsha(
-            self._advance.sha, 5, source, source + INFLIGHT_SUFFIX, target, target + INFLIGHT_SUFFIX, segment,
-            group, entry_id, len(ready), *ready, packed_meta, *new_fields,
+            data = encode_segment(columns)
+        command = (
+            "EVALSHA", self._advance.sha, 5, source, source + INFLIGHT_SUFFIX, target, target + INFLIGHT_SUFFIX,
+            segment, group, entry_id, len(ready), *ready, packed_meta, *new_fields,
         )  # fmt: skip
         try:
-            result = pipe.execute()[-1]
+            result = (
+                self.client.execute_command(*command)
+                if data is None
+                else set_then(self.client, segment, data, *command)
+            )
         except redis.exceptions.NoScriptError:
+            if segment:
+                self.client.delete(segment)
             self._load_scripts()
             return self.advance(stream, group, entry_id, to, columns, ready_when, meta)
         return None if result in (None, 0) else _text(result)

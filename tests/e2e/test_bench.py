@@ -60,7 +60,8 @@ def test_bench_store_measures_every_side_and_prints_the_ratio_last():
     match = STORE_RATIO_LINE.match(lines[-1])
     assert match, proc.stdout
     assert float(match.group(1)) > 0
-    for side in ("ours (TrajectoryStore)", "raw redis SET/GET", "ray object-store queue", "in-process copy"):
+    sides = ("ours (TrajectoryStore)", "raw redis SET/GET", "raw redis, zero-copy SET", "ray object-store queue")
+    for side in (*sides, "in-process copy"):
         assert any(line.startswith(side) for line in lines), (side, proc.stdout)
     assert "400 trajectories" in proc.stdout and "redis-server" in proc.stdout
 

@@ -10,9 +10,12 @@ import uuid
 
 import pyarrow as pa
 import pytest
+import redis
 
 from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows
 from storage import EmbeddedRedis, StoreError, TrajectoryStore, connect
+from storage.codec import encode_segment, segment_key
+from storage.wire import set_then
 
 
 def trajectories(rows: int, seed: int = 0) -> pa.Table:
@@ -54,6 +57,51 @@ def test_arrow_batch_round_trip(store: TrajectoryStore) -> None:
     assert entry.table.schema == TRAJECTORY_SCHEMA
     assert entry.table.equals(table)
     assert store.length("trajectories") == 1
+
+
+def _contiguous_ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_a_put_sends_the_batch_from_the_tables_own_memory_and_stores_the_exact_arrow_stream(
+    store: TrajectoryStore,
+) -> None:
+    table = trajectories(4000)  # column buffers large enough to be sent as views, not gathered
+    segment = encode_segment(table)
+    table_buffers = {
+        buf.address for column in table.columns for chunk in column.chunks for buf in chunk.buffers() if buf
+    }
+    views = [part for part in segment.parts if isinstance(part, memoryview)]
+    assert views, "no column buffer was passed through by reference"
+    assert {pa.py_buffer(view).address for view in views} <= table_buffers  # no copy of the batch
+
+    entry_id = store.put("trajectories", table)
+
+    payload = store.client.xrange(store.key("trajectories"), min=entry_id, max=entry_id)[0][1][b"payload"]
+    stored = store.client.get(segment_key(payload.decode(), "0"))
+    assert stored == b"".join(segment.parts) == _contiguous_ipc(table)
+    store.ensure_group("trajectories", "trainer")
+    (entry,) = store.read("trajectories", "trainer", "t0", block_ms=200)
+    assert entry.table.equals(table)
+
+
+def test_set_then_reads_both_replies_before_raising_so_the_connection_stays_in_step(redis_url: str) -> None:
+    client = connect(redis_url, 5.0)
+    client.connection_pool.max_connections = 1  # the next command must reuse the same connection
+    key = f"asyncrl:{{wire-{uuid.uuid4().hex[:8]}}}:segment"
+    segment = encode_segment(trajectories(3))
+    try:
+        with pytest.raises(redis.exceptions.NoScriptError):
+            set_then(client, key, segment, "EVALSHA", "0" * 40, 0)
+        assert client.get(key) == _contiguous_ipc(trajectories(3))  # the SET ran, and its reply was read
+        assert set_then(client, key, segment, "STRLEN", key) == segment.nbytes
+        assert client.ping()
+    finally:
+        client.delete(key)
+        client.close()
 
 
 def test_read_selects_columns(store: TrajectoryStore) -> None:
