@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 from asyncrl.config import Config, to_yaml
@@ -194,6 +195,7 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "policy_version": scheduler.version,
         "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
         "reward_failed": len(result["ledger"]) - len(rewards),
+        **_failure_counts(result["ledger"]),
         **_component_means(result["ledger"]),
         "staleness_max": max(result["staleness"]),
         "staleness_mean": sum(result["staleness"]) / len(result["staleness"]),
@@ -211,6 +213,12 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
             k: result[k] for k in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "lr") if k in result
         },
     }
+
+
+def _failure_counts(ledger: list[dict]) -> dict[str, int]:
+    """``reward_failed_by/<Kind>``: this step's failed samples by the failure's kind (``RewardTimeout``, ...)."""
+    kinds = Counter(row.get("reward_error") or "unknown" for row in ledger if row["reward_failed"])
+    return {f"reward_failed_by/{kind}": count for kind, count in sorted(kinds.items())}
 
 
 def _component_means(ledger: list[dict]) -> dict[str, float]:

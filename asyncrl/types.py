@@ -30,11 +30,16 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("version_end", pa.int32()),
         pa.field("reward", pa.float32()),
         pa.field("reward_failed", pa.bool_()),
+        # Why the reward failed: the exception's type name (TimeoutError, NonFiniteReward, ...); null when it did not.
+        pa.field("reward_error", pa.string()),
         # Named parts of the reward (asyncrl.rewards.interface); empty for a plain float reward, null from older writers.
         pa.field("reward_components", pa.map_(pa.string(), pa.float32())),
         pa.field("finish_reason", pa.string()),
         pa.field("worker_id", pa.string()),
         pa.field("gen_seconds", pa.float32()),
+        # Per response token, 1 where the policy sampled it (trained) and 0 where an environment appended it
+        # (a multi-turn observation: context only, its behavior_logprobs are 0.0 placeholders); null is all 1.
+        pa.field("loss_mask", pa.list_(pa.int8())),
     ]
 )
 

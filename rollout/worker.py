@@ -194,6 +194,7 @@ class RolloutWorker:
                     "version_end": max(seq.token_versions, default=self.engine.version),
                     "reward": scored.reward,
                     "reward_failed": scored.failed,
+                    "reward_error": scored.error,
                     "reward_components": scored.components,
                     "finish_reason": seq.finish_reason,
                     "worker_id": self.worker_id,

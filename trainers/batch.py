@@ -37,7 +37,8 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
 
     - ``input_ids`` ``[B, L]`` int64, ``pad_id`` after each sequence;
     - ``attention_mask`` ``[B, L]`` int64, 1 on real tokens;
-    - ``response_mask`` ``[B, L]`` float32, 1 on response tokens (the tokens that are trained);
+    - ``response_mask`` ``[B, L]`` float32, 1 on the response tokens that are trained: every response token,
+      or where the row has a ``loss_mask`` those it marks 1 (a multi-turn observation is 0: context only);
     - ``behavior_logprobs`` ``[B, L]`` float32, each response token's sampling log-prob at that
       token's position (the alignment of ``asyncrl.algorithms.sequence_logprobs``), 0 elsewhere;
     - ``advantages`` ``[B]`` float32: the table's ``advantages`` column when it has one (see
@@ -56,6 +57,7 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     responses = table.column("response_ids").to_pylist()
     behavior = table.column("behavior_logprobs").to_pylist()
     reference = table.column("ref_logprobs").to_pylist() if "ref_logprobs" in table.column_names else None
+    loss_masks = table.column("loss_mask").to_pylist() if "loss_mask" in table.column_names else [None] * len(prompts)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
     batch_size, max_len = table.num_rows, max(lengths)
 
@@ -73,7 +75,15 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
         start, end = len(prompt), len(prompt) + len(response)
         input_ids[row, :end] = torch.tensor(prompt + response, dtype=torch.int64)
         attention_mask[row, :end] = 1
-        response_mask[row, start:end] = 1.0
+        if loss_masks[row] is None:
+            response_mask[row, start:end] = 1.0
+        elif len(loss_masks[row]) != len(response):
+            raise ValueError(
+                f"trajectory {sample_ids[row]!r}: {len(loss_masks[row])} loss_mask entries "
+                f"for {len(response)} response tokens"
+            )
+        else:
+            response_mask[row, start:end] = torch.tensor(loss_masks[row], dtype=torch.float32)
         behavior_logprobs[row, start:end] = torch.tensor(logprobs, dtype=torch.float32)
         if reference is not None:
             if len(reference[row]) != len(response):

@@ -176,7 +176,8 @@ class TrainerWorker:
                     continue
                 accepted += group.num_rows
                 pending.extend(scorer.ready())
-                columns = ["sample_id", "version_start", "version_end", "reward", "reward_failed", "reward_components"]
+                columns = ["sample_id", "version_start", "version_end", "reward", "reward_failed", "reward_error"]
+                columns.append("reward_components")
                 for row in group.select([*columns, "worker_id"]).to_pylist():
                     components = dict(row.pop("reward_components") or ())  # an Arrow map reads as (key, value) pairs
                     ledger.append({**row, "reward_components": components, "trained_at_version": version})

@@ -101,10 +101,12 @@ def _group(group_id: str, prompt_id: str, prompt_ids: list[int], size: int, leng
         "version_end": [0] * size,
         "reward": rng.integers(0, 2, size).astype(np.float32).tolist(),
         "reward_failed": [False] * size,
+        "reward_error": [None] * size,
         "reward_components": [[] for _ in range(size)],
         "finish_reason": ["length"] * size,
         "worker_id": ["bench-0"] * size,
         "gen_seconds": [0.1] * size,
+        "loss_mask": [None] * size,
     }
     return pa.Table.from_pydict(columns, schema=TRAJECTORY_SCHEMA)
 

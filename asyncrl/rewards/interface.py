@@ -177,6 +177,9 @@ class RewardResult:
     """A reward raised, timed out, or returned a bad value for this sample."""
     components: dict[str, float] = field(default_factory=dict)
     """Named components: a single reward's dict entries (``total`` aside), or each of several rewards by name."""
+    error: str | None = None
+    """Why it failed: the type name of the first failure (``RewardTimeout`` for a timeout, ``NonFiniteReward`` for
+    NaN/inf, or whatever the reward raised); None when it did not fail."""
 
 
 class _CallThread:
@@ -251,29 +254,30 @@ class RewardScorer:
         if not len(prompts) == len(metadata) == count:
             raise ValueError(f"score_batch: {len(prompts)} prompts, {count} responses, {len(metadata)} metadata")
         self._check_hung()
-        totals, failed = [0.0] * count, [False] * count
+        totals, errors = [0.0] * count, [None] * count
         components: list[dict[str, float]] = [{} for _ in range(count)]
         for term in self.terms:
             for index, outcome in enumerate(self._evaluate(term, prompts, responses, metadata)):
-                if outcome is None:
-                    failed[index] = True
+                if isinstance(outcome, BaseException):
+                    errors[index] = errors[index] or _kind(outcome)
                     continue
                 value, parts = outcome
                 totals[index] += term.weight * value
                 components[index].update(self._component_names(term, value, parts))
         results = []
-        for total, bad, parts in zip(totals, failed, components, strict=True):
-            if not bad and not math.isfinite(total):  # finite parts whose weighted sum overflows
-                self._record_failure("sum", NonFiniteReward(f"the weighted sum is {total}"), 1)
-                bad = True
-            results.append(RewardResult(0.0 if bad else total, bad, parts))
+        for total, error, parts in zip(totals, errors, components, strict=True):
+            if error is None and not math.isfinite(total):  # finite parts whose weighted sum overflows
+                overflow = NonFiniteReward(f"the weighted sum is {total}")
+                self._record_failure("sum", overflow, 1)
+                error = _kind(overflow)
+            results.append(RewardResult(0.0 if error else total, error is not None, parts, error))
         return results
 
     def score_one(self, prompt: str, response: str, metadata: Mapping[str, Any]) -> RewardResult:
         return self.score_batch([prompt], [response], [metadata])[0]
 
-    def _evaluate(self, term: RewardTerm, prompts, responses, metadata) -> list[tuple[float, dict] | None]:
-        """``(value, components)`` per sample, or None where this reward failed it."""
+    def _evaluate(self, term: RewardTerm, prompts, responses, metadata) -> list[tuple[float, dict] | Exception]:
+        """``(value, components)`` per sample, or the exception with which this reward failed it."""
         if is_batched(term.fn):
             try:
                 values = _as_batch(self._call(term, list(prompts), list(responses), [dict(m) for m in metadata]))
@@ -281,7 +285,7 @@ class RewardScorer:
                     raise ValueError(f"returned {len(values)} rewards for a batch of {len(responses)}")
             except Exception as err:  # noqa: BLE001 - a user's reward code may raise anything: the batch fails
                 self._record_failure(term.name, err, len(responses))
-                return [None] * len(responses)
+                return [err] * len(responses)
             return [self._checked(term, value) for value in values]
         outcomes = []
         for prompt, response, meta in zip(prompts, responses, metadata, strict=True):
@@ -289,17 +293,17 @@ class RewardScorer:
                 value = self._call(term, prompt, response, **meta)
             except Exception as err:  # noqa: BLE001 - a user's reward code may raise anything: the sample fails
                 self._record_failure(term.name, err, 1)
-                outcomes.append(None)
+                outcomes.append(err)
                 continue
             outcomes.append(self._checked(term, value))
         return outcomes
 
-    def _checked(self, term: RewardTerm, value: object) -> tuple[float, dict] | None:
+    def _checked(self, term: RewardTerm, value: object) -> tuple[float, dict] | Exception:
         try:
             return normalize(value)
         except Exception as err:  # noqa: BLE001 - a returned object's __float__ may raise anything
             self._record_failure(term.name, err, 1)
-            return None
+            return err
 
     def _call(self, term: RewardTerm, *args: Any, **kwargs: Any) -> Any:
         """``term.fn(*args, **kwargs)``, in a daemon thread with a deadline when ``timeout_s`` is set."""
@@ -329,7 +333,7 @@ class RewardScorer:
             )
 
     def _record_failure(self, name: str, err: BaseException, samples: int) -> None:
-        kind = type(err).__name__
+        kind = _kind(err)
         first = (name, kind) not in self.failures
         self.failures[name, kind] += samples
         log.log(
@@ -346,6 +350,11 @@ class RewardScorer:
         if not self.named_components:
             return parts
         return {term.name: value, **{f"{term.name}/{key}": part for key, part in parts.items()}}
+
+
+def _kind(err: BaseException) -> str:
+    """A failure's kind as logs and metrics name it: the exception's type name (``RewardTimeout``, ...)."""
+    return type(err).__name__
 
 
 def normalize(value: object) -> tuple[float, dict[str, float]]:

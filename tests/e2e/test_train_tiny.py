@@ -98,6 +98,15 @@ def test_failing_reward_marks_samples_failed_and_the_run_goes_on(tmp_path):
     failed = [row for row in ledger if row["reward_failed"]]
     assert failed and len(failed) < len(ledger)  # the tiny model's responses vary in length
     assert sum(m["reward_failed"] for m in metrics) == len(failed)
+    # Counted by kind: even lengths raise RuntimeError, the rest of the failures are NaN (NonFiniteReward).
+    assert {row["reward_error"] for row in failed} <= {"RuntimeError", "NonFiniteReward"}
+    assert all(row["reward_error"] is None for row in ledger if not row["reward_failed"])
+    for kind in ("RuntimeError", "NonFiniteReward"):
+        by_kind = sum(m.get(f"reward_failed_by/{kind}", 0) for m in metrics)
+        assert by_kind == sum(row["reward_error"] == kind for row in failed)
+    assert all(
+        m["reward_failed"] == sum(v for k, v in m.items() if k.startswith("reward_failed_by/")) for m in metrics
+    )
     assert all(m["reward_mean"] == 1.0 for m in metrics)  # failed samples do not drag the mean
     assert all(row["reward_components"] == {} for row in failed)
     assert all(set(row["reward_components"]) == {"length"} for row in ledger if not row["reward_failed"])

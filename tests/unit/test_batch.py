@@ -232,3 +232,21 @@ def test_collate_aligns_ref_logprobs_when_the_table_has_them() -> None:
     bad = table.append_column("ref_logprobs", pa.array([[-0.25], [-1.25]], type=pa.list_(pa.float32())))
     with pytest.raises(ValueError, match="'a0': 1 ref_logprobs for 2 response tokens"):
         collate(bad, pad_id=PAD)
+
+
+def test_a_loss_mask_keeps_observation_tokens_out_of_training() -> None:
+    """A multi-turn row: response = turn 1 (2 tokens), an observation (2 tokens, masked), turn 2 (1 token)."""
+    turns = {**_row("m0", "m", [1, 2], [3, 4, 50, 51, 5], reward=1.0), "loss_mask": [1, 1, 0, 0, 1]}
+    turns["behavior_logprobs"] = [-0.1, -0.2, 0.0, 0.0, -0.3]  # placeholders where the environment wrote
+    plain = _row("m1", "m", [1, 2], [6, 7], reward=0.0)  # no loss_mask (null): every response token trains
+    batch = collate(_table([turns, plain]), pad_id=PAD)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 50, 51, 5], [1, 2, 6, 7, PAD, PAD, PAD]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 1], [0, 0, 1, 1, 0, 0, 0]]
+    assert batch["behavior_logprobs"][0].tolist() == pytest.approx([0, 0, -0.1, -0.2, 0, 0, -0.3])
+
+
+def test_a_loss_mask_of_the_wrong_length_names_the_trajectory() -> None:
+    row = {**_row("bad0", "b", [1], [2, 3], reward=1.0), "loss_mask": [1]}
+    with pytest.raises(ValueError, match=r"'bad0': 1 loss_mask entries for 2 response tokens"):
+        collate(_table([row, _row("b1", "b", [1], [4], reward=0.0)]), pad_id=PAD)

@@ -12,7 +12,7 @@ import pytest
 
 from asyncrl import config as config_module
 from asyncrl.config import ConfigError, load_config, to_yaml
-from asyncrl.controller import _component_means
+from asyncrl.controller import _component_means, _failure_counts
 from asyncrl.rewards import (
     REWARD_MODELS,
     RewardScorer,
@@ -106,6 +106,7 @@ def test_a_bad_value_fails_only_that_sample_and_is_counted(value, kind):
     scorer = _scorer(reward)
     results = scorer.score_batch(["p"] * 3, ["ok", "bad", "ok"], [{}] * 3)
     assert [(r.reward, r.failed) for r in results] == [(1.0, False), (0.0, True), (1.0, False)]
+    assert [r.error for r in results] == [None, kind, None]  # the kind the trajectory row and the metric carry
     assert scorer.failures == {("reward", kind): 1}
 
 
@@ -113,7 +114,7 @@ def test_an_exception_fails_the_sample_and_is_logged_once_per_kind(caplog):
     scorer = _scorer(_raises)
     with caplog.at_level(logging.DEBUG, logger="asyncrl.rewards.interface"):
         results = scorer.score_batch(["p"] * 3, ["a", "b", "c"], [{}] * 3)
-    assert all(r.failed and r.reward == 0.0 for r in results)
+    assert all(r.failed and r.reward == 0.0 and r.error == "RuntimeError" for r in results)
     assert scorer.failures == {("_raises", "RuntimeError"): 3}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "RuntimeError" in warnings[0].getMessage() and "boom" in warnings[0].getMessage()
@@ -144,6 +145,7 @@ def test_a_reward_past_its_timeout_fails_the_sample_and_the_call_returns_on_time
     finally:
         release.set()
     assert [(r.reward, r.failed) for r in results] == [(0.0, True), (1.0, False)]
+    assert [r.error for r in results] == ["RewardTimeout", None]
     assert scorer.failures == {("slow", "RewardTimeout"): 1}
 
 
@@ -414,3 +416,18 @@ def test_per_component_means_cover_the_samples_that_computed_each():
         {},
     ]
     assert _component_means(ledger) == {"reward/correct": 0.5, "reward/length": 4.0}
+
+
+def test_failures_are_counted_per_kind():
+    ledger = [
+        {"reward_failed": True, "reward_error": "RewardTimeout"},
+        {"reward_failed": True, "reward_error": "NonFiniteReward"},
+        {"reward_failed": True, "reward_error": "RewardTimeout"},
+        {"reward_failed": False, "reward_error": None},
+        {"reward_failed": True},  # a row from an older writer names no kind
+    ]
+    assert _failure_counts(ledger) == {
+        "reward_failed_by/NonFiniteReward": 1,
+        "reward_failed_by/RewardTimeout": 2,
+        "reward_failed_by/unknown": 1,
+    }
