@@ -210,7 +210,9 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "sync_seconds": sync_seconds,
         "step_seconds": step_seconds,
         **{
-            k: result[k] for k in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "grad_norm", "lr") if k in result
+            k: result[k]
+            for k in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "entropy", "grad_norm", "lr")
+            if k in result
         },
     }
 

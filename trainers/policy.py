@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+@torch.no_grad()
+def mean_token_entropy(logits: Tensor, response_mask: Tensor, temperature: float = 1.0) -> float:
+    """Mean entropy (nats) of the policy ``softmax(logits / temperature)`` over the trained response tokens.
+
+    Aligned as ``sequence_logprobs``: the distribution at position ``t - 1`` is the one that sampled
+    token ``t``, counted where ``response_mask[:, t]`` is 1. A metric only (no grad); 0.0 with no token.
+    """
+    log_probs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    mask = response_mask[:, 1:].to(entropy.dtype)
+    return float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where this rank computes and which collective backend its process group uses."""
@@ -156,6 +169,10 @@ class PolicyTrainer:
         self._micro_batches = 0  # forward_backward calls since the last optimizer step
 
     def _forward_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        return self._forward(batch)[0]
+
+    def _forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, float]:
+        """Per-token log-probs ``[B, L]`` of the response tokens (0 elsewhere) and their mean policy entropy."""
         input_ids = batch["input_ids"].to(self.device)
         response_mask = batch["response_mask"].to(self.device)
         # Only positions from the token before the earliest response token need logits: skipping
@@ -169,7 +186,8 @@ class PolicyTrainer:
             logits_to_keep=keep,
         )
         window = sequence_logprobs(output.logits, input_ids[:, -keep:], response_mask[:, -keep:], self.temperature)
-        return torch.nn.functional.pad(window, (length - keep, 0))
+        entropy = mean_token_entropy(output.logits, response_mask[:, -keep:], self.temperature)
+        return torch.nn.functional.pad(window, (length - keep, 0)), entropy
 
     def forward_backward(self, batch: dict[str, Tensor]) -> dict[str, float]:
         """The policy loss of one micro-batch and its backward; gradients accumulate until ``optimizer_step``.
@@ -187,8 +205,9 @@ class PolicyTrainer:
         self._warn_if_no_reference(batch)
         self.engine.train()
         reference = batch.get("ref_logprobs")
+        logprobs, entropy = self._forward(batch)
         inputs = LossInputs(
-            logprobs=self._forward_logprobs(batch),
+            logprobs=logprobs,
             behavior_logprobs=batch["behavior_logprobs"].to(self.device),
             advantages=batch["advantages"].to(self.device),
             mask=batch["response_mask"].to(self.device),
@@ -205,7 +224,8 @@ class PolicyTrainer:
             # Before the boundary engine.step() only advances DeepSpeed's micro-step counter, which
             # decides when backward reduces gradients and when step() updates.
             self.engine.step()
-        return {"loss": float(loss.detach()), **metrics, "tokens": float(batch["response_mask"].sum())}
+        tokens = float(batch["response_mask"].sum())
+        return {"loss": float(loss.detach()), **metrics, "entropy": entropy, "tokens": tokens}
 
     def optimizer_step(self) -> dict[str, float]:
         """Apply the accumulated global batch: clip, AdamW update, zero the gradients."""

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).parents[2]
 REQUIRED = {
     "step", "policy_version", "reward_mean", "staleness_max", "samples_trained",
-    "rollout_tokens_per_s", "train_tokens_per_s", "sync_seconds", "step_seconds",
+    "rollout_tokens_per_s", "train_tokens_per_s", "sync_seconds", "step_seconds", "entropy",
 }  # fmt: skip
 
 
@@ -31,6 +31,7 @@ def test_three_steps_with_staleness_one(tmp_path):
     assert [m["policy_version"] for m in metrics] == [1, 2, 3]
     assert all(REQUIRED <= m.keys() for m in metrics)
     assert all(m["samples_trained"] == 8 for m in metrics)
+    assert all(m["entropy"] > 0 for m in metrics)  # a sampling policy, not a point mass
     assert sum(metrics[-1]["staleness_hist"].values()) == 24 and set(metrics[-1]["staleness_hist"]) <= {"0", "1"}
     # Resident memory of every process kind, so users can size machines.
     for record in metrics:
@@ -104,9 +105,7 @@ def test_failing_reward_marks_samples_failed_and_the_run_goes_on(tmp_path):
     for kind in ("RuntimeError", "NonFiniteReward"):
         by_kind = sum(m.get(f"reward_failed_by/{kind}", 0) for m in metrics)
         assert by_kind == sum(row["reward_error"] == kind for row in failed)
-    assert all(
-        m["reward_failed"] == sum(v for k, v in m.items() if k.startswith("reward_failed_by/")) for m in metrics
-    )
+    assert all(m["reward_failed"] == sum(v for k, v in m.items() if k.startswith("reward_failed_by/")) for m in metrics)
     assert all(m["reward_mean"] == 1.0 for m in metrics)  # failed samples do not drag the mean
     assert all(row["reward_components"] == {} for row in failed)
     assert all(set(row["reward_components"]) == {"length"} for row in ledger if not row["reward_failed"])
