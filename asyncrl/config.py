@@ -95,6 +95,25 @@ def _reward_spec(key: str, spec: str) -> str:
     return f"{path.resolve()}:{attr}"
 
 
+ENVIRONMENTS = ("calculator",)  # asyncrl.envs.ENVIRONMENTS, named here so the config needs no import of it
+
+
+def _env_spec(key: str, spec: str) -> str:
+    """A validated environment spec; a file's path is made absolute so that every worker process finds the file."""
+    if spec in ENVIRONMENTS:
+        return spec
+    target, _, attr = spec.rpartition(":")
+    _require(
+        bool(target and attr),
+        f"{key} must be package.module:Class, path/to/file.py:Class or one of {', '.join(ENVIRONMENTS)}; got {spec!r}",
+    )
+    if not target.endswith(".py"):
+        return spec
+    path = Path(target).expanduser()
+    _require(path.is_file(), f"{key}: environment file not found: {target}")
+    return f"{path.resolve()}:{attr}"
+
+
 @dataclass(kw_only=True, slots=True)
 class RewardTermConfig:
     fn: str = ""
@@ -208,6 +227,11 @@ class RolloutConfig:
     """Compute threads per engine (OMP_NUM_THREADS)."""
     max_model_len: int = 512
     """Longest prompt plus response the engine accepts."""
+    env: Optional[str] = None  # noqa: UP045 - OmegaConf reads the annotation
+    """Multi-turn environment (asyncrl/envs.py): calculator, package.module:Class or path/to/file.py:Class;
+    null is single-turn. The episode's reward is the sample's (reward.fn is not called); observations are not trained."""
+    max_turns: int = 4
+    """Most model turns of one multi-turn episode (rollout.env); each turn samples up to max_new_tokens."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, f"rollout.num_workers must be >= 1, got {self.num_workers}")
@@ -216,6 +240,9 @@ class RolloutConfig:
         _require(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.threads >= 1, f"rollout.threads must be >= 1, got {self.threads}")
+        _require(self.max_turns >= 1, f"rollout.max_turns must be >= 1, got {self.max_turns}")
+        if self.env is not None:
+            self.env = _env_spec("rollout.env", self.env)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -196,6 +196,7 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
         "reward_failed": len(result["ledger"]) - len(rewards),
         **_failure_counts(result["ledger"]),
+        **_turn_means(result["ledger"]),
         **_component_means(result["ledger"]),
         "staleness_max": max(result["staleness"]),
         "staleness_mean": sum(result["staleness"]) / len(result["staleness"]),
@@ -221,6 +222,14 @@ def _failure_counts(ledger: list[dict]) -> dict[str, int]:
     """``reward_failed_by/<Kind>``: this step's failed samples by the failure's kind (``RewardTimeout``, ...)."""
     kinds = Counter(row.get("reward_error") or "unknown" for row in ledger if row["reward_failed"])
     return {f"reward_failed_by/{kind}": count for kind, count in sorted(kinds.items())}
+
+
+def _turn_means(ledger: list[dict]) -> dict[str, float]:
+    """Multi-turn runs (rollout.env): ``turns_mean`` and ``observation_tokens_mean`` per trained sample."""
+    rows = [row for row in ledger if "turns" in row]
+    if not rows:
+        return {}
+    return {key + "_mean": sum(row[key] for row in rows) / len(rows) for key in ("turns", "observation_tokens")}
 
 
 def _component_means(ledger: list[dict]) -> dict[str, float]:

@@ -15,8 +15,8 @@ An environment is named by a key of ``ENVIRONMENTS`` (``calculator``), by ``pack
 by ``path/to/file.py:Class``; ``load_environment`` returns a factory, called once per episode because
 an environment holds the state of one episode.
 
-Not wired into the rollout worker yet: its engine samples one response per request, and a trained
-multi-turn trajectory needs a mask of observation tokens in the trajectory rows and in ``collate``.
+``run_episode`` drives text (tests, offline use); a training run drives an environment through the rollout
+worker's engine with ``rollout.env`` (``rollout.multiturn``), at the token level, with a ``loss_mask`` per row.
 """
 
 from __future__ import annotations
@@ -112,9 +112,12 @@ class CalculatorEnv:
 
     The final step's reward is 1.0 when the answer equals the prompt's ``answer`` (``math_reward``'s
     comparison), else 0.0; other steps earn 0.0. An expression takes + - * / ^ and parentheses over
-    numbers and is evaluated exactly, never with ``eval``. A response with neither line, or a
-    calculation beyond ``max_calls``, ends the episode with reward 0.0.
+    numbers and is evaluated exactly, never with ``eval``. A response with neither line gets a reminder of
+    the format back (``RESULT: error: ...``), as a tool error would come back; it counts as a call. A call
+    beyond ``max_calls`` ends the episode with reward 0.0.
     """
+
+    REMINDER = "\nRESULT: error: write `CALC: <expression>` or `ANSWER: <number>`\n"
 
     INSTRUCTIONS = (
         "\nYou have a calculator: write `CALC: <expression>` on its own line and stop; the result comes back "
@@ -134,10 +137,12 @@ class CalculatorEnv:
         final = _ANSWER.search(response)
         if final is not None:
             return "", math_reward("", final[1], answer=self.answer), True
-        calc = _CALC.search(response)
-        if calc is None or self.calls >= self.max_calls:
+        if self.calls >= self.max_calls:
             return "", 0.0, True
         self.calls += 1
+        calc = _CALC.search(response)
+        if calc is None:
+            return self.REMINDER, 0.0, False
         value = evaluate(calc[1])
         result = "error: only numbers, + - * / ^ and parentheses" if value is None else _format(value)
         return f"\nRESULT: {result}\n", 0.0, False

@@ -19,6 +19,7 @@ from asyncrl.config import Config
 from asyncrl.data import encode_prompt
 from asyncrl.rewards import build_scorer
 from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
+from rollout.multiturn import build_driver
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class RolloutWorker:
             kv_cache_mb=cfg.rollout.kv_cache_mb,
             seed=cfg.run.seed,
         )
+        self.turns = build_driver(cfg, self.engine, self.tokenizer)  # rollout.env: multi-turn episodes, else None
         self.groups: dict[str, _Group] = {}
         self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet put in the store
         self.outbox: list[tuple[pa.Table, str]] = []  # scored groups not yet put, with their prompt entry id
@@ -156,6 +158,10 @@ class RolloutWorker:
         group_id = f"{row['prompt_id']}-{self.worker_id}-{time.monotonic_ns()}"
         prompt_ids = encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data)
         self.groups[group_id] = _Group(entry_id, row["prompt_id"], row["prompt_text"], row["answer"], rc.group_size)
+        if self.turns is not None:
+            for j in range(rc.group_size):
+                self.turns.start(f"{group_id}:{j}", row["prompt_text"], {"answer": row["answer"]}, rc.max_new_tokens)
+            return
         for j in range(rc.group_size):
             self.engine.add_request(
                 f"{group_id}:{j}",
@@ -166,6 +172,8 @@ class RolloutWorker:
             )
 
     def _finish(self, seq) -> None:
+        if self.turns is not None and (seq := self.turns.advance(seq)) is None:
+            return  # the episode goes on: its next turn is queued
         group_id = seq.request_id.rpartition(":")[0]
         group = self.groups[group_id]
         group.done.append(seq)
@@ -175,10 +183,13 @@ class RolloutWorker:
 
     def _push(self, group_id: str, group: _Group) -> None:
         """Score a finished group and queue it for the store (``_flush`` puts the queue as one message)."""
-        texts = [self.tokenizer.decode(seq.response_ids, skip_special_tokens=True) for seq in group.done]
-        scores = self.reward.score_batch(
-            [group.prompt_text] * len(texts), texts, [{"answer": group.answer}] * len(texts)
-        )
+        if self.turns is not None:  # an episode's reward is its environment's
+            scores = [seq.scored for seq in group.done]
+        else:
+            texts = [self.tokenizer.decode(seq.response_ids, skip_special_tokens=True) for seq in group.done]
+            scores = self.reward.score_batch(
+                [group.prompt_text] * len(texts), texts, [{"answer": group.answer}] * len(texts)
+            )
         rows = []
         for seq, scored in zip(group.done, scores, strict=True):
             rows.append(
@@ -199,6 +210,7 @@ class RolloutWorker:
                     "finish_reason": seq.finish_reason,
                     "worker_id": self.worker_id,
                     "gen_seconds": seq.gen_seconds,
+                    "loss_mask": getattr(seq, "loss_mask", None),  # multi-turn: observation tokens are 0
                 }
             )
         self.outbox.append((table_from_rows(rows, TRAJECTORY_SCHEMA), group.entry_id))

@@ -105,6 +105,15 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     return batch
 
 
+def mask_summary(loss_mask: list[int] | None) -> dict[str, int]:
+    """A multi-turn row's ``turns`` (runs of sampled tokens), ``trained_tokens`` and ``observation_tokens`` (the
+    masked ones) for the ledger; empty for a single-turn row (no ``loss_mask``)."""
+    if loss_mask is None:
+        return {}
+    turns = sum(1 for i, bit in enumerate(loss_mask) if bit and (i == 0 or not loss_mask[i - 1]))
+    return {"turns": turns, "trained_tokens": loss_mask.count(1), "observation_tokens": loss_mask.count(0)}
+
+
 def with_advantages(table: pa.Table, scoring: Scoring | None = None) -> pa.Table:
     """``table`` plus a float32 ``advantages`` column (one per row, replacing any old one).
 

@@ -146,7 +146,7 @@ class TrainerWorker:
 
         Unblocked by: rollout workers pushing groups. Fails after ``run.step_timeout_s``.
         """
-        from trainers.batch import GroupScorer, collate
+        from trainers.batch import GroupScorer, collate, mask_summary
 
         cfg, started = self.cfg, time.monotonic()
         deadline = started + cfg.run.step_timeout_s
@@ -177,9 +177,10 @@ class TrainerWorker:
                 accepted += group.num_rows
                 pending.extend(scorer.ready())
                 columns = ["sample_id", "version_start", "version_end", "reward", "reward_failed", "reward_error"]
-                columns.append("reward_components")
+                columns += ["reward_components", "loss_mask"]
                 for row in group.select([*columns, "worker_id"]).to_pylist():
                     components = dict(row.pop("reward_components") or ())  # an Arrow map reads as (key, value) pairs
+                    row.update(mask_summary(row.pop("loss_mask")))  # multi-turn: turns and observation tokens
                     ledger.append({**row, "reward_components": components, "trained_at_version": version})
             while _rows(pending) >= micro or (pending and trained + _rows(pending) == needed):
                 batch_table, pending = _split(pending, micro)

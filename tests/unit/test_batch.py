@@ -250,3 +250,11 @@ def test_a_loss_mask_of_the_wrong_length_names_the_trajectory() -> None:
     row = {**_row("bad0", "b", [1], [2, 3], reward=1.0), "loss_mask": [1]}
     with pytest.raises(ValueError, match=r"'bad0': 1 loss_mask entries for 2 response tokens"):
         collate(_table([row, _row("b1", "b", [1], [4], reward=0.0)]), pad_id=PAD)
+
+
+def test_mask_summary_counts_turns_and_observation_tokens() -> None:
+    from trainers.batch import mask_summary
+
+    assert mask_summary(None) == {}
+    assert mask_summary([1, 1]) == {"turns": 1, "trained_tokens": 2, "observation_tokens": 0}
+    assert mask_summary([1, 1, 0, 0, 1, 0, 1, 1]) == {"turns": 3, "trained_tokens": 5, "observation_tokens": 3}

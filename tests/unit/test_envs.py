@@ -36,13 +36,14 @@ def test_a_calculator_episode_appends_tool_results_and_rewards_the_answer():
     [
         (["ANSWER: 83"], 0.0, True, 1),  # wrong
         (["ANSWER: 84.0"], 1.0, True, 1),  # compared as numbers
-        (["I think it is 84"], 0.0, True, 1),  # neither a tool call nor an answer ends it
+        (["I think it is 84", "ANSWER: 84"], 1.0, True, 2),  # neither line: a format reminder, and it goes on
+        (["no", "no", "no", "no", "no"], 0.0, True, 5),  # reminders count as calls: the fifth ends it
         (["CALC: 2^3^2", "ANSWER: 84"], 1.0, True, 2),
-        (["CALC: 1", "CALC: 2", "CALC: 3", "CALC: 4"], 0.0, False, 4),  # ran out of turns
+        (["CALC: 1", "CALC: 2", "CALC: 3", "CALC: 4", "CALC: 5"], 0.0, True, 5),  # past max_calls=4 it ends
     ],
 )
 def test_calculator_outcomes(responses, reward, done, turns):
-    episode = run_episode(CalculatorEnv(), _scripted(*responses), "q", {"answer": "84"}, max_turns=4)
+    episode = run_episode(CalculatorEnv(), _scripted(*responses), "q", {"answer": "84"}, max_turns=5)
     assert (episode.reward, episode.done, len(episode.turns)) == (reward, done, turns)
 
 
@@ -55,6 +56,12 @@ def test_calculator_evaluates_exactly_and_never_with_eval(expression, result):
     env.reset("q", answer="0")
     observation, reward, done = env.step(f"CALC: {expression}")
     assert observation.startswith(f"\nRESULT: {result}") and (reward, done) == (0.0, False)
+
+
+def test_calculator_reminds_of_the_format():
+    env = CalculatorEnv()
+    env.reset("q", answer="1")
+    assert env.step("hello") == (CalculatorEnv.REMINDER, 0.0, False)
 
 
 def test_calculator_ends_after_max_calls():
