@@ -286,3 +286,11 @@ class PolicyTrainer:
                 continue
             seen.add(tensor.data_ptr())
             yield name, tensor.detach().to("cpu", copy=True)
+
+    def save_state(self, folder: str) -> None:
+        """DeepSpeed's own checkpoint of module, optimizer and LR schedule into ``folder/engine``, with
+        the torch RNG state, and the model's Hugging Face config (what `ckpt export-hf` rebuilds from)."""
+        self.engine.save_checkpoint(
+            folder, tag="engine", client_state={"torch_rng_state": torch.get_rng_state()}, save_latest=False
+        )
+        self.engine.module.config.save_pretrained(os.path.join(folder, "hf_config"))
