@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -605,6 +606,10 @@ class RunConfig:
     """Show a progress bar in the terminal."""
     overwrite: bool = False
     """Replace the outputs of an earlier run in run.dir (otherwise such a folder is refused)."""
+    wandb: bool = False
+    """Also log every step record to Weights & Biases (the wandb package must be installed; it is never required)."""
+    wandb_project: str = "asyncrl"
+    """W&B project of the run (run.wandb); the W&B run is named run.name. WANDB_MODE=offline works as usual."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")
@@ -612,6 +617,10 @@ class RunConfig:
             self.name.replace("-", "").replace("_", "").isalnum(), f"run.name must be [A-Za-z0-9_-]+, got {self.name!r}"
         )
         _require(self.num_cpus >= 1, f"run.num_cpus must be >= 1, got {self.num_cpus}")
+        _require(
+            not self.wandb or importlib.util.find_spec("wandb") is not None,
+            "run.wandb=true needs the wandb package, which is not installed: pip install wandb, or set run.wandb=false",
+        )
 
 
 @dataclass(kw_only=True, slots=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
-from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir
+from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir, wandb_options
 from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
@@ -34,7 +34,7 @@ def train(cfg: Config) -> Path:
     prompts = build_prompt_source(cfg.data)  # a bad data file fails here, before anything starts
     run_dir = prepare_run_dir(Path(cfg.run.dir), overwrite=cfg.run.overwrite)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    with store_server(cfg, run_dir) as url, ray_session(cfg), RunWriter(run_dir) as writer:
+    with store_server(cfg, run_dir) as url, ray_session(cfg), RunWriter(run_dir, wandb_options(cfg)) as writer:
         _loop(cfg, model_path, prompts, url, writer)
     plot_run(run_dir)
     return run_dir

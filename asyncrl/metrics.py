@@ -13,7 +13,9 @@ from asyncrl.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "ledger.jsonl", "reward.png", "curves.png", "tensorboard", "redis")
+RUN_OUTPUTS = (
+    "config.yaml", "metrics.jsonl", "ledger.jsonl", "reward.png", "curves.png", "tensorboard", "wandb", "redis",
+)  # fmt: skip
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
@@ -39,20 +41,25 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
 
 
 class RunWriter:
-    """Appends one JSON line per optimizer step and per trained sample; mirrors scalars to TensorBoard."""
+    """Appends one JSON line per optimizer step and per trained sample; mirrors scalars to TensorBoard, and to
+    W&B when ``wandb`` holds ``wandb.init`` arguments (``run.wandb``)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, wandb: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.ledger = open(run_dir / "ledger.jsonl", "a", buffering=1)
         self.tensorboard = _tensorboard(run_dir / "tensorboard")
+        self.wandb = None if wandb is None else _wandb_run(run_dir, wandb)
 
     def log_step(self, record: dict[str, Any]) -> None:
         self.metrics.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars.pop("step", None)
         if self.tensorboard is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tensorboard.add_scalar(key, value, record["step"])
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def log_samples(self, rows: list[dict[str, Any]]) -> None:
         self.ledger.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -62,6 +69,8 @@ class RunWriter:
         self.ledger.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def __enter__(self) -> RunWriter:
         return self
@@ -77,6 +86,26 @@ def _tensorboard(folder: Path):
         log.info("tensorboard not installed; metrics go to metrics.jsonl only")
         return None
     return SummaryWriter(str(folder))
+
+
+def wandb_options(cfg: Any) -> dict[str, Any] | None:
+    """``wandb.init`` arguments of a run with ``run.wandb=true`` (project, name, the resolved config), else None."""
+    import dataclasses
+
+    if not cfg.run.wandb:
+        return None
+    return {"project": cfg.run.wandb_project, "name": cfg.run.name, "config": dataclasses.asdict(cfg)}
+
+
+def _wandb_run(run_dir: Path, init: dict[str, Any]):
+    """A W&B run started with ``init`` (project, name, config), its files under the run folder."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "run.wandb=true needs the wandb package, which is not installed: pip install wandb, or set run.wandb=false"
+        ) from None
+    return wandb.init(dir=str(run_dir), **init)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
