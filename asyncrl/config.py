@@ -162,10 +162,16 @@ class LocalRewardModelConfig:
     """Score the chat [user: prompt, assistant: response] when the tokenizer has a template, else prompt + response."""
     device: str = "cpu"
     """Torch device of the reward model."""
+    worker: bool = False
+    """Serve the model from a reward worker of its own (one Ray actor for every rollout worker) instead of loading
+    a copy inside each rollout worker."""
+    timeout_s: float = 60.0
+    """With worker=true: longest wait in seconds for one batch's scores; past it those samples fail (GetTimeoutError)."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"reward.local_rm.batch_size must be >= 1, got {self.batch_size}")
         _require(self.max_length >= 1, f"reward.local_rm.max_length must be >= 1, got {self.max_length}")
+        _require(self.timeout_s > 0, f"reward.local_rm.timeout_s must be > 0, got {self.timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -134,10 +134,12 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
     import ray
 
     from asyncrl.placement import reserve
+    from asyncrl.rewards.reward_worker import start_reward_worker
     from rollout.worker import RolloutWorker
     from trainers.worker import TrainerWorker
 
     slots = reserve(cfg)
+    start_reward_worker(cfg)  # reward.local_rm.worker=true: up before the rollout workers, which look it up
     trainer_slot = slots["trainer"][0]
     trainer = (
         ray.remote(TrainerWorker)

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from asyncrl.rewards.http import HttpRewardModel
 from asyncrl.rewards.local_rm import LocalRewardModel
+from asyncrl.rewards.reward_worker import RemoteRewardModel
 
 if TYPE_CHECKING:
     from asyncrl.config import RewardConfig
@@ -65,7 +66,9 @@ TOTAL = "total"
 
 REWARD_MODELS: dict[str, Callable[[RewardConfig], RewardFn]] = {
     "http": lambda cfg: HttpRewardModel.from_config(cfg.http),
-    "local_rm": lambda cfg: LocalRewardModel.from_config(cfg.local_rm),
+    "local_rm": lambda cfg: (
+        RemoteRewardModel(cfg.local_rm.timeout_s) if cfg.local_rm.worker else LocalRewardModel.from_config(cfg.local_rm)
+    ),
 }
 """Built-in reward models by config name, each built from its section of the reward config."""
 
