@@ -39,10 +39,12 @@ def mean_token_entropy(logits: Tensor, response_mask: Tensor, temperature: float
     Aligned as ``sequence_logprobs``: the distribution at position ``t - 1`` is the one that sampled
     token ``t``, counted where ``response_mask[:, t]`` is 1. A metric only (no grad); 0.0 with no token.
     """
-    log_probs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    mask = response_mask[:, 1:].to(entropy.dtype)
-    return float((entropy * mask).sum() / mask.sum().clamp(min=1.0))
+    trained = response_mask[:, 1:].bool()
+    if not trained.any():
+        return 0.0
+    scaled = logits[:, :-1][trained].float() / temperature  # only the trained positions: no padding, no prompt
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    return float(-(log_probs.exp() * log_probs).sum(dim=-1).mean())
 
 
 @dataclass(frozen=True, slots=True)
