@@ -58,6 +58,12 @@ def test_calculator_evaluates_exactly_and_never_with_eval(expression, result):
     assert observation.startswith(f"\nRESULT: {result}") and (reward, done) == (0.0, False)
 
 
+def test_an_episode_that_runs_out_of_turns_is_not_done():
+    episode = run_episode(CalculatorEnv(), _scripted("CALC: 1", "CALC: 2"), "q", {"answer": "84"}, max_turns=2)
+    assert (episode.done, len(episode.turns), episode.reward) == (False, 2, 0.0)
+    assert episode.turns[-1].observation == "\nRESULT: 2\n"
+
+
 def test_calculator_reminds_of_the_format():
     env = CalculatorEnv()
     env.reset("q", answer="1")
