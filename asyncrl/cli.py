@@ -24,9 +24,11 @@ A job is one YAML file plus key=value overrides, e.g.
   asyncrl bench rollout configs/tiny.yaml --repeats 3
   asyncrl bench train configs/tiny.yaml --steps 4
   asyncrl bench store
+  asyncrl bench pipeline --steps 8
   asyncrl bench sync sync.bucket_mb=32
   asyncrl simulate configs/gpu/qwen2.5-7b-64gpu.yaml
   asyncrl store stats runs/demo
+  asyncrl ckpt list runs/demo
 """
 
 
@@ -73,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
         "on a GPU machine: cuda), and a mismatch is an error",
     )
     rollout.add_argument("--prompts", type=_positive, default=16, help="prompts per timed run (default 16)")
+    pipeline_bench = _bench_command(
+        bench_commands,
+        "pipeline",
+        help="the same job at scheduler.max_staleness 0, 1 and 2: trained samples/s, idle fractions, async/sync",
+        description="Start one store, Ray and one set of workers, then for each scheduler.max_staleness in 0, 1, 2 run "
+        "W untimed and S timed optimizer steps of the same job (same prompts) on a long-tailed response length "
+        "(rollout.length_dist=lognormal and the other defaults in asyncrl/bench/pipeline.py WORKLOAD, each one "
+        "overridable), draining the pipeline in between; R times. Print trained samples/s, trainer and rollout idle "
+        "fractions per bound, medians, and last the line 'pipeline ratio (async k=2/sync k=0): X'.",
+    )
+    pipeline_bench.add_argument("--steps", type=_positive, default=8, help="timed steps per bound (default 8)")
+    pipeline_bench.add_argument("--warmup", type=int, default=2, help="untimed steps per bound first (default 2)")
     store_bench = _bench_command(
         bench_commands,
         "store",
@@ -146,6 +160,24 @@ def _parser() -> argparse.ArgumentParser:
     store_purge.add_argument("--yes", action="store_true", help="really delete (without it, say what would go)")
     for sub in (store_ls, store_stats, store_purge):
         sub.add_argument("--url", help="redis:// or rediss:// URL of the store (default $ASYNCRL_STORE_URL)")
+
+    ckpt = commands.add_parser(
+        "ckpt",
+        help="list and verify a run's checkpoints",
+        description="Checkpoints are written every run.checkpoint_every steps into RUN_DIR/checkpoints/step-N.",
+    )
+    ckpt_commands = ckpt.add_subparsers(dest="ckpt_command", metavar="ACTION", required=True)
+    ckpt_list = ckpt_commands.add_parser("list", help="step, policy version, time and size of each checkpoint")
+    ckpt_list.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/demo")
+    ckpt_inspect = ckpt_commands.add_parser(
+        "inspect", help="a checkpoint's step, version and counts; every file checked against the manifest"
+    )
+    ckpt_inspect.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder, e.g. runs/demo/checkpoints/step-000010")
+    ckpt_export = ckpt_commands.add_parser(
+        "export-hf", help="write a checkpoint's policy as a Hugging Face folder (transformers and vLLM load it)"
+    )
+    ckpt_export.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder")
+    ckpt_export.add_argument("out", metavar="OUT", help="the folder to write")
     return parser
 
 
@@ -186,8 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and "=" in args.config and not Path(args.config).is_file():
         args.overrides.insert(0, args.config)  # `bench rollout key=value`: the config was left out
         args.config = BENCH_CONFIG
+    if args.command == "bench" and args.bench_command == "pipeline":
+        from asyncrl.bench.pipeline import WORKLOAD
+
+        args.overrides = [*WORKLOAD, *args.overrides]  # the long-tailed workload, under the command's overrides
     if args.command == "plot":
         return _plot(Path(args.run_dir))
+    if args.command == "ckpt":
+        from asyncrl import ckpt_cli
+
+        if args.ckpt_command == "list":
+            return ckpt_cli.cmd_list(Path(args.run_dir))
+        if args.ckpt_command == "export-hf":
+            return ckpt_cli.cmd_export_hf(Path(args.ckpt), Path(args.out))
+        return ckpt_cli.cmd_inspect(Path(args.ckpt))
     from asyncrl.models import ModelError
     from asyncrl.placement import PlacementError
     from storage import StoreError
@@ -249,6 +293,11 @@ def _bench(cfg, args: argparse.Namespace) -> int:
         from asyncrl.bench.sync import bench_sync
 
         bench_sync(cfg, repeats=args.repeats, syncs=args.syncs)
+        return 0
+    if args.bench_command == "pipeline":
+        from asyncrl.bench.pipeline import bench_pipeline
+
+        bench_pipeline(cfg, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
         return 0
     if args.bench_command == "train":
         from asyncrl.bench.train import bench_train

@@ -234,6 +234,13 @@ class RolloutConfig:
     """Compute threads per engine (OMP_NUM_THREADS)."""
     max_model_len: int = 512
     """Longest prompt plus response the engine accepts."""
+    length_dist: str = "fixed"
+    """Per-prompt response budget (asyncrl/lengths.py): `fixed` (every prompt max_new_tokens) or `lognormal`
+    (median length_median, log-sd length_sigma, seeded by run.seed and the prompt, cut at max_new_tokens)."""
+    length_median: int = 16
+    """Median per-prompt budget in tokens for length_dist=lognormal."""
+    length_sigma: float = 1.0
+    """Log-space standard deviation for length_dist=lognormal; larger means a longer tail."""
     env: Optional[str] = None  # noqa: UP045 - OmegaConf reads the annotation
     """Multi-turn environment (asyncrl/envs.py): calculator, package.module:Class or path/to/file.py:Class;
     null is single-turn. The episode's reward is the sample's (reward.fn is not called); observations are not trained."""
@@ -247,6 +254,11 @@ class RolloutConfig:
         _require(self.temperature > 0, f"rollout.temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _require(self.threads >= 1, f"rollout.threads must be >= 1, got {self.threads}")
+        from asyncrl.lengths import LENGTH_DISTS
+
+        _one_of("rollout.length_dist", self.length_dist, tuple(LENGTH_DISTS))
+        _require(self.length_median >= 1, f"rollout.length_median must be >= 1, got {self.length_median}")
+        _require(self.length_sigma >= 0, f"rollout.length_sigma must be >= 0, got {self.length_sigma}")
         _require(self.max_turns >= 1, f"rollout.max_turns must be >= 1, got {self.max_turns}")
         if self.env is not None:
             self.env = _env_spec("rollout.env", self.env)
@@ -339,10 +351,14 @@ class SchedulerConfig:
     """Largest allowed (trainer version at the step - version_start); 0 is synchronous on-policy."""
     on_stale: str = "drop"
     """What happens to a sample over the bound: `drop` it, or `regenerate` its prompt."""
+    sync: str = "every_step"
+    """When new weights go to the engines: `every_step`, or `deferred` (skip the update while the bound allows:
+    engines stay at most max_staleness - 1 versions behind; see Scheduler.should_sync)."""
 
     def __post_init__(self) -> None:
         _require(self.max_staleness >= 0, f"scheduler.max_staleness must be >= 0, got {self.max_staleness}")
         _one_of("scheduler.on_stale", self.on_stale, ("drop", "regenerate"))
+        _one_of("scheduler.sync", self.sync, ("every_step", "deferred"))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -616,6 +632,11 @@ class RunConfig:
     """Also log every step record to Weights & Biases (the wandb package must be installed; it is never required)."""
     wandb_project: str = "asyncrl"
     """W&B project of the run (run.wandb); the W&B run is named run.name. WANDB_MODE=offline works as usual."""
+    checkpoint_every: int = 0
+    """Write a checkpoint (run.dir/checkpoints/step-N: DeepSpeed state, run state, config, manifest with
+    checksums) every this many optimizer steps and after the last one; 0 writes none."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted once a new one is complete."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")
@@ -627,6 +648,8 @@ class RunConfig:
             not self.wandb or importlib.util.find_spec("wandb") is not None,
             "run.wandb=true needs the wandb package, which is not installed: pip install wandb, or set run.wandb=false",
         )
+        _require(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass(kw_only=True, slots=True)

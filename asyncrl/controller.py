@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
@@ -41,34 +43,141 @@ def train(cfg: Config) -> Path:
 
 
 def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) -> None:
-    import ray
-
-    from storage import TrajectoryStore
-
-    store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
-    store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
+    pipeline = Pipeline.launch(cfg, model_path, prompts, url)
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
-    trainer, rollouts = _launch_workers(cfg, model_path, url)
-    redis_pid = None if cfg.store.url else int(store.client.info("server")["process_id"])  # embedded: ours
-    ray.get([w.start.remote() for w in rollouts], timeout=60)
-    weight_sync = build_weight_sync(cfg, trainer, rollouts, url)
     with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
         for step in range(cfg.run.steps):
-            tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
-            step_ref = trainer.train_step.remote(scheduler.version)
-            result = _await_step(step_ref, store, scheduler, prompts, rollouts, cfg.run.step_timeout_s + 60)
-            scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
-            sync_seconds = weight_sync.sync(scheduler.version)
-            step_seconds = time.monotonic() - tic
-            generated = store.incr("rollout_tokens", 0) - tokens_before
-            record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)
-            record.update(_store_upkeep(store))
-            record.update(_process_memory(trainer, rollouts, redis_pid))
-            writer.log_samples(result["ledger"])
+            record, ledger = pipeline.step(step, scheduler)
+            record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
+            writer.log_samples(ledger)
             writer.log_step(record)
             progress.advance(record)
-    ray.get([w.stop.remote() for w in rollouts], timeout=60)
-    store.release_retired()  # retention=checkpoint: the end of the run is the last checkpoint boundary
+            every = cfg.run.checkpoint_every
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps):
+                _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
+    pipeline.stop()
+
+
+def _save_checkpoint(cfg: Config, run_dir: Path, step: int, scheduler: Scheduler, trainer) -> Path:
+    """Between two steps: the trainer's DeepSpeed state, the scheduler and the config (asyncrl/checkpoint.py)."""
+    import ray
+
+    from asyncrl.checkpoint import save_checkpoint, scheduler_state
+
+    def fill(folder: Path) -> None:
+        (folder / "config.yaml").write_text(to_yaml(cfg))
+        ray.get(trainer.save_checkpoint.remote(str(folder)), timeout=cfg.run.step_timeout_s)
+
+    state = {"scheduler": scheduler_state(scheduler)}
+    path = save_checkpoint(run_dir, step, scheduler.version, state, fill, keep=cfg.run.keep_checkpoints)
+    log.info("checkpoint %s written", path)
+    return path
+
+
+@dataclass
+class Pipeline:
+    """The started workers of one run and the driver's handles on them; ``step`` runs one optimizer step.
+
+    The run loop drives it with one ``Scheduler``; ``asyncrl bench pipeline`` drives the same workers
+    with one scheduler per staleness bound (``drain`` in between)."""
+
+    cfg: Config
+    store: Any
+    trainer: Any
+    rollouts: list
+    weight_sync: Any
+    prompts: Any
+    redis_pid: int | None
+    idle_before: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def launch(cls, cfg: Config, model_path: str, prompts, url: str) -> Pipeline:
+        import ray
+
+        from storage import TrajectoryStore
+
+        store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
+        store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
+        trainer, rollouts = _launch_workers(cfg, model_path, url)
+        redis_pid = None if cfg.store.url else int(store.client.info("server")["process_id"])  # embedded: ours
+        ray.get([w.start.remote() for w in rollouts], timeout=60)
+        weight_sync = build_weight_sync(cfg, trainer, rollouts, url)
+        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, _idle_seconds(rollouts))
+
+    def step(self, step: int, scheduler: Scheduler) -> tuple[dict, list[dict]]:
+        """One optimizer step under ``scheduler``, then the weight sync it asks for; (metrics record, ledger)."""
+        cfg, store = self.cfg, self.store
+        tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
+        counts_before = (scheduler.issued, scheduler.blocked, scheduler.dropped)
+        step_ref = self.trainer.train_step.remote(scheduler.version, scheduler.cfg.max_staleness)
+        result = _await_step(step_ref, store, scheduler, self.prompts, self.rollouts, cfg.run.step_timeout_s + 60)
+        scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
+        sync_seconds = 0.0
+        if scheduler.should_sync():
+            sync_seconds = self.weight_sync.sync(scheduler.version)
+            scheduler.engine_version = scheduler.version
+        step_seconds = time.monotonic() - tic
+        generated = store.incr("rollout_tokens", 0) - tokens_before
+        record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)
+        idle_now = _idle_seconds(self.rollouts)
+        record.update(_idle_record(self.idle_before, idle_now, result, step_seconds))
+        self.idle_before = idle_now
+        record.update(zip(("admitted", "blocked", "dropped"), _deltas(scheduler, counts_before), strict=True))
+        record["engine_version"] = scheduler.engine_version
+        record.update(_store_upkeep(store))
+        return record, result["ledger"]
+
+    def drain(self, timeout_s: float = 120.0) -> None:
+        """Stop issuing, let the rollout workers finish what they hold, and have the trainer acknowledge
+        (untrained) every trajectory left: the next scheduler starts on an empty pipeline."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while self.store.inflight(Streams.PROMPTS)[0] or not all(_loads(self.rollouts, "inflight", 0)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout workers did not finish their prompts within {timeout_s:.0f}s")
+            time.sleep(POLL_S)
+        ray.get(self.trainer.discard_pending.remote(), timeout=timeout_s)
+        _read_dropped(self.store)
+
+    def stop(self) -> None:
+        import ray
+
+        ray.get([w.stop.remote() for w in self.rollouts], timeout=60)
+        self.store.release_retired()  # retention=checkpoint: the end of the run is the last checkpoint boundary
+
+
+def _loads(rollouts, key: str, equal_to: float, timeout_s: float = 10.0) -> list[bool]:
+    """For each rollout worker, whether its ``load()[key]`` equals ``equal_to``."""
+    import ray
+
+    return [report[key] == equal_to for report in ray.get([w.load.remote() for w in rollouts], timeout=timeout_s)]
+
+
+def _idle_seconds(rollouts, timeout_s: float = 10.0) -> dict[str, float]:
+    """Each rollout worker's cumulative seconds with an empty engine, ``{"rollout-<i>": s}``."""
+    import ray
+
+    reports = ray.get([w.load.remote() for w in rollouts], timeout=timeout_s)
+    return {f"rollout-{i}": report["idle_seconds"] for i, report in enumerate(reports)}
+
+
+def _idle_record(before: dict[str, float], now: dict[str, float], result: dict, step_seconds: float) -> dict:
+    """Idle fractions of this step: ``trainer_idle_fraction`` is the share of the step the trainer did not
+    compute (waiting for data, the weight sync, the driver); ``rollout_idle_fraction`` the mean share of the
+    step the rollout engines had no request, ``rollout_idle_fraction_by_worker`` each one's."""
+    per_worker = {name: min(1.0, (now[name] - before[name]) / step_seconds) for name in now}
+    return {
+        "trainer_idle_fraction": max(0.0, 1 - result["compute_seconds"] / step_seconds),
+        "rollout_idle_fraction": sum(per_worker.values()) / len(per_worker),
+        "rollout_idle_fraction_by_worker": {name: round(value, 4) for name, value in per_worker.items()},
+    }
+
+
+def _deltas(scheduler: Scheduler, before: tuple[int, int, int]) -> list[int]:
+    """Groups admitted, polls blocked by admission while a worker was idle, and groups dropped, this step."""
+    now = (scheduler.issued, scheduler.blocked, scheduler.dropped)
+    return [count - then for count, then in zip(now, before, strict=True)]
 
 
 def _store_upkeep(store) -> dict:
@@ -119,13 +228,15 @@ def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeou
     import ray
 
     deadline = time.monotonic() + timeout_s
-    while not ray.wait([step_ref], timeout=POLL_S)[0]:
+    while True:  # issue first: with max_staleness 0 the step's prompts go out now, not a poll later
         if time.monotonic() > deadline:
             raise TimeoutError(f"optimizer step {scheduler.version + 1} did not finish within {timeout_s:.0f}s")
-        _issue_prompts(store, scheduler, prompts, len(rollouts))
+        if not _issue_prompts(store, scheduler, prompts, len(rollouts)) and any(_loads(rollouts, "inflight", 0)):
+            scheduler.blocked += 1
         scheduler.on_dropped(_read_dropped(store))
         _check_health(rollouts)
-    return ray.get(step_ref)
+        if ray.wait([step_ref], timeout=POLL_S)[0]:
+            return ray.get(step_ref)
 
 
 def _launch_workers(cfg: Config, model_path: str, url: str):
@@ -156,11 +267,11 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
     return trainer, rollouts
 
 
-def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> None:
-    """Push every admissible prompt, split into one entry per worker so pulls spread the load."""
+def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> int:
+    """Push every admissible prompt, split into one entry per worker so pulls spread the load; returns the count."""
     count = scheduler.admissible()
     if count == 0:
-        return
+        return 0
     indices = scheduler.take(count)
     chunk = -(-count // num_workers)
     for start in range(0, count, chunk):
@@ -171,6 +282,7 @@ def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> No
                 {"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer}
             )
         store.put(Streams.PROMPTS, table_from_rows(rows, PROMPT_SCHEMA), {"rows": len(rows)})
+    return count
 
 
 def _read_dropped(store) -> list[int]:

@@ -41,13 +41,17 @@ class Scheduler:
     issued: int = 0
     trained: int = 0
     dropped: int = 0
+    engine_version: int = 0  # the weights the rollout engines hold
+    blocked: int = 0  # driver polls where admission issued nothing while a rollout worker had no request
     next_prompt: int = 0
     requeued: deque[int] = field(default_factory=deque)
     staleness_counts: Counter = field(default_factory=Counter)
 
     def admissible(self) -> int:
-        """Groups that may be issued now."""
-        window = (self.version + self.cfg.max_staleness + 1) * self.prompts_per_step
+        """Groups that may be issued now: up to ``max_staleness + 1`` global batches ahead of the weights the
+        groups will be generated with (the trainer's version; the engines' with ``scheduler.sync=deferred``)."""
+        base = self.engine_version if self.cfg.sync == "deferred" else self.version
+        window = (base + self.cfg.max_staleness + 1) * self.prompts_per_step
         in_flight_or_done = self.issued - self.dropped
         return max(0, window - in_flight_or_done)
 
@@ -69,6 +73,25 @@ class Scheduler:
         self.dropped += len(prompt_indices)
         if self.cfg.on_stale == "regenerate":
             self.requeued.extend(prompt_indices)
+
+    @classmethod
+    def starting_at(cls, cfg: SchedulerConfig, prompts_per_step: int, version: int) -> Scheduler:
+        """A scheduler for workers already at ``version`` (engines synced to it, nothing in flight), issuing
+        prompts from index 0 again: ``asyncrl bench pipeline`` runs each bound on the same workers."""
+        done = version * prompts_per_step
+        return cls(cfg, prompts_per_step, version=version, issued=done, trained=done, engine_version=version)
+
+    def should_sync(self) -> bool:
+        """Whether to send the weights now that the trainer is at ``version`` and the engines hold
+        ``engine_version``. ``every_step``: always. ``deferred`` (AsyncFlow's deferred parameter update):
+        only once the engines are ``max_staleness`` versions behind; one more step without an update
+        would close admission (which counts from the engines' version) entirely. So the engines are never
+        more than ``max_staleness - 1`` versions behind after this call, a group issued at engine version
+        e is trained by version e + max_staleness when groups finish in issue order, and
+        ``max_staleness <= 1`` syncs every step."""
+        if self.cfg.sync == "every_step":
+            return True
+        return self.version - self.engine_version >= self.cfg.max_staleness
 
     def on_step(self, trained_groups: int, staleness_values: list[int]) -> None:
         """An optimizer step finished: the version moves on and admission opens by one batch."""

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from asyncrl.config import Config
 from asyncrl.data import encode_prompt
+from asyncrl.lengths import length_budget
 from asyncrl.rewards import build_scorer
 from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
 from rollout.multiturn import build_driver
@@ -65,6 +66,7 @@ class RolloutWorker:
         self._next_poll = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.idle_seconds = 0.0  # loop time with no request in the engine (waiting for prompts), since start
         self.error: BaseException | None = None
 
     def ready(self) -> str:
@@ -83,6 +85,11 @@ class RolloutWorker:
     def health(self) -> str | None:
         """None while the loop is alive, else the error that ended it."""
         return None if self.error is None else repr(self.error)
+
+    def load(self) -> dict[str, float]:
+        """``idle_seconds``: generation-loop seconds with no request in the engine since start (cumulative);
+        ``inflight``: requests in the engine now."""
+        return {"idle_seconds": self.idle_seconds, "inflight": self.engine.num_unfinished()}
 
     def memory(self) -> dict[str, float]:
         """This process's pid and resident memory in MB (``rss`` now, ``peak``); the vLLM engine is in it."""
@@ -127,7 +134,10 @@ class RolloutWorker:
         """
         try:
             while not self._stop.is_set():
-                self._take_prompts()
+                tic, idle = time.monotonic(), not self.engine.num_unfinished()
+                self._take_prompts()  # with an empty engine it blocks up to 200 ms on the store
+                if idle:
+                    self.idle_seconds += time.monotonic() - tic
                 if self.engine.num_unfinished():
                     for seq in self.engine.step():
                         self._finish(seq)
@@ -158,15 +168,16 @@ class RolloutWorker:
         group_id = f"{row['prompt_id']}-{self.worker_id}-{time.monotonic_ns()}"
         prompt_ids = encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data)
         self.groups[group_id] = _Group(entry_id, row["prompt_id"], row["prompt_text"], row["answer"], rc.group_size)
+        budget = length_budget(rc, self.cfg.run.seed, row["prompt_id"])
         if self.turns is not None:
             for j in range(rc.group_size):
-                self.turns.start(f"{group_id}:{j}", row["prompt_text"], {"answer": row["answer"]}, rc.max_new_tokens)
+                self.turns.start(f"{group_id}:{j}", row["prompt_text"], {"answer": row["answer"]}, budget)
             return
         for j in range(rc.group_size):
             self.engine.add_request(
                 f"{group_id}:{j}",
                 prompt_ids,
-                max_new_tokens=rc.max_new_tokens,
+                max_new_tokens=budget,
                 temperature=rc.temperature,
                 top_p=rc.top_p,
             )

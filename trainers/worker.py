@@ -49,7 +49,8 @@ class TrainerWorker:
         self.scoring = build_scoring(cfg)
         from transformers import AutoTokenizer
 
-        self.pad_id = AutoTokenizer.from_pretrained(model_path).pad_token_id or 0
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self.carry: list[tuple[pa.Table, str]] = []  # groups read but not yet considered, with their entry id
         self.entry_groups: dict[str, int] = {}  # entry id -> its groups not yet trained or dropped
 
@@ -98,6 +99,14 @@ class TrainerWorker:
     def _report_dropped(self, group: pa.Table, meta: dict) -> None:
         self.store.put(Streams.DROPPED, group.select(["prompt_id"]).slice(0, 1), meta)
 
+    def save_checkpoint(self, folder: str) -> None:
+        """Write the policy's engine state, with the tokenizer beside its HF config, into a checkpoint folder
+        (called between steps: nothing is in a step)."""
+        import os
+
+        self.policy.save_state(folder)
+        self.tokenizer.save_pretrained(os.path.join(folder, "hf_config"))
+
     def weights(self) -> dict:
         """Full weights as numpy arrays (they travel through Ray's shared-memory object store)."""
         return {name: tensor.float().numpy() for name, tensor in self.policy.named_weights()}
@@ -141,14 +150,26 @@ class TrainerWorker:
         stats = send_to_pools(self._sync_senders, module_tensors(self.policy.engine.module), version)
         return {pool: stat.seconds for pool, stat in stats.items()}
 
-    def train_step(self, version: int) -> dict:
+    def discard_pending(self) -> int:
+        """Acknowledge, untrained, every trajectory entry waiting or carried; returns how many (between the
+        phases of ``asyncrl bench pipeline``, once no rollout worker holds a prompt)."""
+        ids = set(self.entry_groups)
+        while entries := self.store.read(Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=100, block_ms=0):
+            ids.update(entry.id for entry in entries)
+        self.carry, self.entry_groups = [], {}
+        self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, sorted(ids))
+        return len(ids)
+
+    def train_step(self, version: int, max_staleness: int | None = None) -> dict:
         """Consumes scored groups; waits on the store with bounded blocks until the global batch is full.
 
+        Groups over ``max_staleness`` (default ``scheduler.max_staleness``) are dropped.
         Unblocked by: rollout workers pushing groups. Fails after ``run.step_timeout_s``.
         """
         from trainers.batch import GroupScorer, collate, mask_summary
 
         cfg, started = self.cfg, time.monotonic()
+        bound = cfg.scheduler.max_staleness if max_staleness is None else max_staleness
         deadline = started + cfg.run.step_timeout_s
         needed, micro = cfg.samples_per_step, cfg.trainer.micro_batch_size
         pending: list[pa.Table] = []
@@ -165,7 +186,7 @@ class TrainerWorker:
                 group, entry_id = taken
                 self._consumed(entry_id, finished_entries)
                 version_start = min(group.column("version_start").to_pylist())
-                if is_stale(version, version_start, cfg.scheduler.max_staleness):
+                if is_stale(version, version_start, bound):
                     self._report_dropped(group, {"version_start": version_start})
                     continue
                 if not scorer.accept(group):

@@ -119,3 +119,30 @@ def test_bench_sync_measures_every_side_and_prints_the_ratio_last():
     model_line = next(line for line in lines if line.startswith("model: "))
     megabytes, tensors = re.match(r"model: (\d+\.\d) MB float32, (\d+) tensors", model_line).groups()
     assert float(megabytes) >= 100 and int(tensors) >= 100
+
+
+PIPELINE_RATIO_LINE = re.compile(r"^pipeline ratio \(async k=2/sync k=0\): (\d+\.\d+)$")
+PIPELINE_ROW = re.compile(r"^\s*1 \|\s+(\d) \|\s+(\d+\.\d+) \|\s+(\d\.\d+) \|\s+(\d\.\d+) \|\s+(\d+) \|\s+(\d+)$")
+
+
+@pytest.mark.slow
+def test_bench_pipeline_runs_every_bound_on_the_long_tail_and_prints_the_ratio_last():
+    """Each bound's row: samples/s > 0, idle fractions in [0, 1], and no trained sample over that bound."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "bench", "pipeline", "--steps", "2", "--warmup", "1", "--repeats", "1",
+         "rollout.max_new_tokens=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    match = PIPELINE_RATIO_LINE.match(lines[-1])
+    assert match, proc.stdout
+    assert float(match.group(1)) > 0
+    rows = [PIPELINE_ROW.match(line) for line in lines]
+    rows = [row.groups() for row in rows if row]
+    assert [int(row[0]) for row in rows] == [0, 1, 2], proc.stdout
+    for bound, samples_per_s, trainer_idle, rollout_idle, staleness_max, _ in rows:
+        assert float(samples_per_s) > 0
+        assert 0 <= float(trainer_idle) <= 1 and 0 <= float(rollout_idle) <= 1
+        assert int(staleness_max) <= int(bound)
+    assert "lognormal(median 8, sigma 1.0) cut at 32" in proc.stdout
