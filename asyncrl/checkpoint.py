@@ -195,3 +195,31 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
             value = list(value)
         state[item.name] = value
     return state
+
+
+def export_hf(folder: Path, out: Path) -> Path:
+    """Write a checkpoint's policy as a Hugging Face folder (config, tokenizer, safetensors weights)
+    that transformers and vLLM load; the checkpoint is verified first."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    load_run_state(folder)  # raises naming any damaged file
+    folder, out = Path(folder), Path(out)
+    states = sorted((folder / "engine").glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise CheckpointError(f"{folder / 'engine'} holds no mp_rank_*_model_states.pt (not a DeepSpeed checkpoint)")
+    config = AutoConfig.from_pretrained(folder / "hf_config")
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(module.values())).dtype)
+    missing, unexpected = model.load_state_dict(module, strict=False)
+    tied = {name for name in missing if name.endswith("lm_head.weight") and config.tie_word_embeddings}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(
+            f"{states[0]} does not fit the model in {folder / 'hf_config'}: "
+            f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(folder / "hf_config").save_pretrained(out)
+    return out

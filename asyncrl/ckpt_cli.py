@@ -1,4 +1,5 @@
-"""`asyncrl ckpt list|inspect`: a run's checkpoints and whether each is intact (torch-free)."""
+"""`asyncrl ckpt list|inspect|export-hf`: a run's checkpoints, whether each is intact, and the policy as a
+Hugging Face folder (only export-hf imports torch)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,16 @@ def _size(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count} B"
+
+
+def cmd_export_hf(folder: Path, out: Path) -> int:
+    """The checkpoint's policy as a Hugging Face folder; exits 2 naming a damaged file."""
+    from asyncrl.checkpoint import export_hf
+
+    try:
+        written = export_hf(folder, out)
+    except CheckpointError as err:
+        print(f"asyncrl: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} (load it with transformers, or as model.path / a vLLM model)")
+    return 0
