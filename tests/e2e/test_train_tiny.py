@@ -21,7 +21,7 @@ def test_three_steps_with_staleness_one(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet",
          f"run.dir={run_dir}", "run.steps=3", "scheduler.max_staleness=1",
-         "store.rows_per_message=8", "store.appendonly=true"],
+         "store.rows_per_message=8", "store.appendonly=true", "run.checkpoint_every=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -60,6 +60,50 @@ def test_three_steps_with_staleness_one(tmp_path):
     )  # fmt: skip
     assert stats.returncode == 0, stats.stderr
     assert "AOF data" in stats.stdout and "trajectories" in stats.stdout
+    # Checkpoints after step 2 (run.checkpoint_every) and after the last step, each intact.
+    listed = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "ckpt", "list", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [["2", "2"], ["3", "3"]]
+    last = run_dir / "checkpoints" / "step-000003"
+    assert any(last.glob("engine/*optim_states.pt")), sorted(str(p.relative_to(last)) for p in last.rglob("*"))
+    assert (last / "hf_config" / "config.json").is_file()
+    state = json.loads((last / "run_state.json").read_text())
+    assert state["scheduler"]["version"] == 3 and sum(state["scheduler"]["staleness_counts"].values()) == 24
+    inspect = subprocess.run(
+        [sys.executable, "-m", "asyncrl", "ckpt", "inspect", str(last)], cwd=ROOT, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert inspect.returncode == 0 and "all match" in inspect.stdout, inspect.stdout + inspect.stderr
+    _check_export(last, tmp_path / "exported")
+
+
+def _check_export(checkpoint: Path, out: Path) -> None:
+    """`ckpt export-hf` writes the trained policy (not the base model) as a folder transformers loads;
+    a truncated checkpoint file is refused by name."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asyncrl.models import resolve_model_path
+
+    cmd = [sys.executable, "-m", "asyncrl", "ckpt", "export-hf", str(checkpoint), str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    engine_state = torch.load(next(checkpoint.glob("engine/mp_rank_*_model_states.pt")), weights_only=False)
+    # The engine state after the run's 3 optimizer steps (the tiny random model earns no reward, so its
+    # gradients are zero and the weights equal the base: the step count is what shows the state is the run's).
+    assert engine_state["global_steps"] == 3 and "torch_rng_state" in engine_state
+    assert all(torch.equal(exported[name], tensor) for name, tensor in engine_state["module"].items())
+    assert AutoTokenizer.from_pretrained(out).encode("1+2=") == AutoTokenizer.from_pretrained(
+        resolve_model_path("tiny-qwen2")
+    ).encode("1+2=")
+    states = next(checkpoint.glob("engine/*optim_states.pt"))
+    states.write_bytes(states.read_bytes()[:64])
+    refused = subprocess.run([*cmd[:-1], str(out) + "-2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and states.name in refused.stderr, refused.stderr[-2000:]
 
 
 @pytest.mark.slow
