@@ -24,7 +24,7 @@ A job is one YAML file plus key=value overrides, e.g.
   asyncrl bench rollout configs/tiny.yaml --repeats 3
   asyncrl bench train configs/tiny.yaml --steps 4
   asyncrl bench store
-  asyncrl bench pipeline --steps 8
+  asyncrl bench pipeline scheduler.sync=deferred
   asyncrl bench sync sync.bucket_mb=32
   asyncrl simulate configs/gpu/qwen2.5-7b-64gpu.yaml
   asyncrl store stats runs/demo
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         "overridable), draining the pipeline in between; R times. Print trained samples/s, trainer and rollout idle "
         "fractions per bound, medians, and last the line 'pipeline ratio (async k=2/sync k=0): X'.",
     )
-    pipeline_bench.add_argument("--steps", type=_positive, default=8, help="timed steps per bound (default 8)")
+    pipeline_bench.add_argument("--steps", type=_positive, default=24, help="timed steps per bound (default 24)")
     pipeline_bench.add_argument("--warmup", type=int, default=2, help="untimed steps per bound first (default 2)")
     store_bench = _bench_command(
         bench_commands,
