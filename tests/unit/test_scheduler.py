@@ -3,6 +3,7 @@ over the bound, no group is trained twice, and every issued group is accounted f
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -131,3 +132,20 @@ def test_starting_at_a_version_opens_the_same_window_as_a_fresh_start():
     later = Scheduler.starting_at(SchedulerConfig(max_staleness=1), prompts_per_step=4, version=7)
     assert later.admissible() == fresh.admissible() == 8
     assert later.take(2) == [0, 1] and later.engine_version == 7
+
+
+def test_lognormal_budgets_are_seeded_clipped_and_long_tailed():
+    from asyncrl.config import ConfigError, RolloutConfig
+    from asyncrl.lengths import length_budget
+
+    rc = RolloutConfig(length_dist="lognormal", length_median=8, length_sigma=1.0, max_new_tokens=96)
+    budgets = [length_budget(rc, 0, f"p{i}") for i in range(2000)]
+    assert budgets == [length_budget(rc, 0, f"p{i}") for i in range(2000)]  # same prompt, same budget
+    assert budgets != [length_budget(rc, 1, f"p{i}") for i in range(2000)]  # the run seed changes them
+    assert min(budgets) >= 1 and max(budgets) == 96
+    ordered = sorted(budgets)
+    assert 6 <= ordered[1000] <= 10 and ordered[1980] >= 5 * ordered[1000]  # median ~8, a 99th percentile 5x it
+    fixed = RolloutConfig(max_new_tokens=20)
+    assert {length_budget(fixed, 0, f"p{i}") for i in range(50)} == {20}
+    with pytest.raises(ConfigError, match=r"rollout\.length_dist must be one of fixed, lognormal"):
+        RolloutConfig(length_dist="pareto")
