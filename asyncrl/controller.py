@@ -115,7 +115,7 @@ class Pipeline:
         sync_seconds = 0.0
         if scheduler.should_sync():
             sync_seconds = self.weight_sync.sync(scheduler.version)
-            scheduler.engine_version = scheduler.version
+            scheduler.on_synced()
         step_seconds = time.monotonic() - tic
         generated = store.incr("rollout_tokens", 0) - tokens_before
         record = _step_record(step, scheduler, result, sync_seconds, step_seconds, generated)

@@ -42,6 +42,7 @@ class Scheduler:
     trained: int = 0
     dropped: int = 0
     engine_version: int = 0  # the weights the rollout engines hold
+    syncs: int = 0  # weight updates sent to the engines
     blocked: int = 0  # driver polls where admission issued nothing while a rollout worker had no request
     next_prompt: int = 0
     requeued: deque[int] = field(default_factory=deque)
@@ -92,6 +93,11 @@ class Scheduler:
         if self.cfg.sync == "every_step":
             return True
         return self.version - self.engine_version >= self.cfg.max_staleness
+
+    def on_synced(self) -> None:
+        """The engines now hold the trainer's weights."""
+        self.engine_version = self.version
+        self.syncs += 1
 
     def on_step(self, trained_groups: int, staleness_values: list[int]) -> None:
         """An optimizer step finished: the version moves on and admission opens by one batch."""

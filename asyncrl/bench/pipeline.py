@@ -100,6 +100,7 @@ def run_bounds(cfg: Config, bounds: tuple[int, ...], steps: int, warmup: int, re
                     pipeline.drain()
                     if scheduler.engine_version != scheduler.version:  # scheduler.sync=deferred skipped the last
                         pipeline.weight_sync.sync(scheduler.version)
+                        scheduler.on_synced()
                     version = scheduler.version
                 results.append(row)
             pipeline.stop()

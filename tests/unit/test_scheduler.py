@@ -51,8 +51,7 @@ def simulate(
         trained.extend((g, staleness(sched.version, start)) for g, start in got)
         sched.on_step(len(got), [s for _, s in trained[-len(got) :]])
         if sched.should_sync():
-            sched.engine_version = sched.version
-            sched.syncs = getattr(sched, "syncs", 0) + 1
+            sched.on_synced()
         assert sched.version - sched.engine_version <= max(0, max_staleness - 1)  # engines never run past the bound
     return sched, trained, dropped, running + finished, issued
 
@@ -123,7 +122,7 @@ def test_deferred_admission_counts_from_the_engines_version():
     assert not sched.should_sync() and sched.admissible() == 0  # the engines are still at version 0
     sched.on_step(2, [1, 1])
     assert sched.should_sync()
-    sched.engine_version = sched.version
+    sched.on_synced()
     assert sched.admissible() == 4
 
 
