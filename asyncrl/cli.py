@@ -172,7 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_inspect = ckpt_commands.add_parser(
         "inspect", help="a checkpoint's step, version and counts; every file checked against the manifest"
     )
-    ckpt_inspect.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder, e.g. runs/demo/checkpoints/step-000010")
+    ckpt_inspect.add_argument(
+        "ckpt", metavar="CKPT", help="a checkpoint folder, e.g. runs/demo/checkpoints/step-000010"
+    )
     ckpt_export = ckpt_commands.add_parser(
         "export-hf", help="write a checkpoint's policy as a Hugging Face folder (transformers and vLLM load it)"
     )
