@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 RUN_OUTPUTS = (
     "config.yaml", "metrics.jsonl", "ledger.jsonl", "reward.png", "curves.png", "tensorboard", "wandb", "redis",
+    "checkpoints",
 )  # fmt: skip
 
 
@@ -25,7 +26,7 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     Only the files a run writes are removed, never anything else in the folder.
     """
     earlier = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    trained = [path.name for path in earlier if path.name in ("metrics.jsonl", "ledger.jsonl")]
+    trained = [path.name for path in earlier if path.name in ("metrics.jsonl", "ledger.jsonl", "checkpoints")]
     if trained and not overwrite:
         raise ConfigError(
             f"run.dir {run_dir} already holds a run ({trained[0]}); pick another run.name or run.dir, "

@@ -24,3 +24,12 @@ def test_leftovers_of_a_failed_start_are_replaced(tmp_path):
     (tmp_path / "config.yaml").write_text("old: 1\n")
     prepare_run_dir(tmp_path, overwrite=False)
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_an_earlier_runs_checkpoints_are_refused_then_removed(tmp_path):
+    """A new run must not prune or list another run's checkpoints as its own."""
+    (tmp_path / "checkpoints" / "step-000020").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="checkpoints"):
+        prepare_run_dir(tmp_path, overwrite=False)
+    prepare_run_dir(tmp_path, overwrite=True)
+    assert not (tmp_path / "checkpoints").exists()
