@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
         value = getattr(scheduler, item.name)
         if isinstance(value, dict):  # Counter: staleness -> samples
             value = {str(key): count for key, count in sorted(value.items())}
-        elif isinstance(value, (list, tuple, set)) or type(value).__name__ == "deque":
+        elif isinstance(value, (list, tuple, set, deque)):
             value = list(value)
         state[item.name] = value
     return state
