@@ -15,6 +15,7 @@ checkpoints without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -183,8 +184,6 @@ def _fsync_tree(folder: Path) -> None:
 
 def scheduler_state(scheduler: Any) -> dict[str, Any]:
     """The scheduler's fields as JSON (its config aside: the checkpoint's config.yaml holds that)."""
-    import dataclasses
-
     state = {}
     for item in dataclasses.fields(scheduler):
         if item.name == "cfg":
