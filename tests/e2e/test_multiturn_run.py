@@ -1,13 +1,8 @@
 """A real multi-turn run on the tiny model with the built-in calculator environment (rollout.env=calculator)."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.e2e.runs import train_tiny
 
 
 @pytest.mark.slow
@@ -15,14 +10,9 @@ def test_calculator_episodes_take_several_turns_and_train_only_the_sampled_token
     """The random tiny model never writes `CALC:` or `ANSWER:`, so every turn earns the calculator's format
     reminder (an observation) and episodes run to rollout.max_turns; the trainer trains only the sampled tokens."""
     run_dir = tmp_path / "turns"
-    proc = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
-         "run.steps=2", "rollout.env=calculator", "rollout.max_turns=3", "rollout.max_new_tokens=8"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    metrics, ledger = train_tiny(
+        run_dir, "run.steps=2", "rollout.env=calculator", "rollout.max_turns=3", "rollout.max_new_tokens=8"
+    )
     assert [m["policy_version"] for m in metrics] == [1, 2]  # it trained
     assert len({row["sample_id"] for row in ledger}) == len(ledger) == 2 * 8
     assert all(1 <= row["turns"] <= 3 for row in ledger)

@@ -1,13 +1,8 @@
 """The scheduler in a real run on the tiny model: deferred weight sync and the per-step scheduler metrics."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.e2e.runs import train_tiny
 
 
 @pytest.mark.slow
@@ -15,16 +10,11 @@ def test_deferred_sync_updates_the_engines_every_other_step_within_the_bound(tmp
     """k=2 with scheduler.sync=deferred: weights go out after steps 2, 4, 6 only, no sample is trained past
     the bound, and every step reports admitted/blocked/dropped counts and idle fractions in [0, 1]."""
     run_dir = tmp_path / "deferred"
-    proc = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
-         "run.steps=6", "scheduler.max_staleness=2", "scheduler.sync=deferred", "rollout.length_dist=lognormal"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics, ledger = train_tiny(
+        run_dir, "run.steps=6", "scheduler.max_staleness=2", "scheduler.sync=deferred", "rollout.length_dist=lognormal"
+    )
     assert [m["engine_version"] for m in metrics] == [0, 2, 2, 4, 4, 6]
     assert [m["sync_seconds"] > 0 for m in metrics] == [False, True, False, True, False, True]
-    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert len(ledger) == 6 * 8 and len({row["sample_id"] for row in ledger}) == len(ledger)
     assert all(row["trained_at_version"] - row["version_start"] <= 2 for row in ledger)
     admitted = sum(m["admitted"] for m in metrics)

@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.e2e.runs import ROOT, asyncrl, train_tiny
+
 REQUIRED = {
     "step", "policy_version", "reward_mean", "staleness_max", "samples_trained",
     "rollout_tokens_per_s", "train_tokens_per_s", "sync_seconds", "step_seconds", "entropy",
@@ -18,15 +17,11 @@ REQUIRED = {
 @pytest.mark.slow
 def test_three_steps_with_staleness_one(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet",
-         f"run.dir={run_dir}", "run.steps=3", "scheduler.max_staleness=1",
-         "store.rows_per_message=8", "store.appendonly=true", "run.checkpoint_every=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    metrics, ledger = train_tiny(
+        run_dir, "run.steps=3", "scheduler.max_staleness=1", "store.rows_per_message=8", "store.appendonly=true",
+        "run.checkpoint_every=2",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
 
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert [m["policy_version"] for m in metrics] == [1, 2, 3]
     assert all(REQUIRED <= m.keys() for m in metrics)
@@ -40,7 +35,6 @@ def test_three_steps_with_staleness_one(tmp_path):
             assert all(mb > 0 for mb in record[key].values()), record[key]
         assert all(record["rss_mb"][role] <= record["rss_peak_mb"][role] for role in record["rss_mb"])
 
-    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     ids = [row["sample_id"] for row in ledger]
     assert len(ids) == len(set(ids)) == 3 * 8  # every sample trained exactly once
     assert all(0 <= row["trained_at_version"] - row["version_start"] <= 1 for row in ledger)
@@ -54,17 +48,11 @@ def test_three_steps_with_staleness_one(tmp_path):
     assert not Path(f"/proc/{server_pid}").exists()
     # Two groups per Arrow message, none lost to the dead-letter stream; the AOF it left is inspectable.
     assert all(m["store_dead_letters"] == 0 for m in metrics)
-    stats = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "store", "stats", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
+    stats = asyncrl("store", "stats", str(run_dir), timeout=60)
     assert stats.returncode == 0, stats.stderr
     assert "AOF data" in stats.stdout and "trajectories" in stats.stdout
     # Checkpoints after step 2 (run.checkpoint_every) and after the last step, each intact.
-    listed = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "ckpt", "list", str(run_dir)], cwd=ROOT, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
+    listed = asyncrl("ckpt", "list", str(run_dir), timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [["2", "2"], ["3", "3"]]
     last = run_dir / "checkpoints" / "step-000003"
@@ -72,10 +60,7 @@ def test_three_steps_with_staleness_one(tmp_path):
     assert (last / "hf_config" / "config.json").is_file()
     state = json.loads((last / "run_state.json").read_text())
     assert state["scheduler"]["version"] == 3 and sum(state["scheduler"]["staleness_counts"].values()) == 24
-    inspect = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "ckpt", "inspect", str(last)], cwd=ROOT, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
+    inspect = asyncrl("ckpt", "inspect", str(last), timeout=60)
     assert inspect.returncode == 0 and "all match" in inspect.stdout, inspect.stdout + inspect.stderr
     _check_export(last, tmp_path / "exported")
 
@@ -88,8 +73,7 @@ def _check_export(checkpoint: Path, out: Path) -> None:
 
     from asyncrl.models import resolve_model_path
 
-    cmd = [sys.executable, "-m", "asyncrl", "ckpt", "export-hf", str(checkpoint), str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = asyncrl("ckpt", "export-hf", str(checkpoint), str(out), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
     engine_state = torch.load(next(checkpoint.glob("engine/mp_rank_*_model_states.pt")), weights_only=False)
@@ -102,7 +86,7 @@ def _check_export(checkpoint: Path, out: Path) -> None:
     ).encode("1+2=")
     states = next(checkpoint.glob("engine/*optim_states.pt"))
     states.write_bytes(states.read_bytes()[:64])
-    refused = subprocess.run([*cmd[:-1], str(out) + "-2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    refused = asyncrl("ckpt", "export-hf", str(checkpoint), str(out) + "-2", timeout=120)
     assert refused.returncode == 2 and states.name in refused.stderr, refused.stderr[-2000:]
 
 
@@ -110,13 +94,9 @@ def _check_export(checkpoint: Path, out: Path) -> None:
 def test_synchronous_run_with_two_rollout_workers(tmp_path):
     """k = 0 is on-policy: every sample is trained at the version that sampled it, across two engines."""
     run_dir = tmp_path / "sync"
-    proc = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
-         "run.steps=2", "scheduler.max_staleness=0", "rollout.num_workers=2", "scheduler.on_stale=regenerate"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    _, ledger = train_tiny(
+        run_dir, "run.steps=2", "scheduler.max_staleness=0", "rollout.num_workers=2", "scheduler.on_stale=regenerate"
+    )
     assert len({row["sample_id"] for row in ledger}) == len(ledger) == 2 * 8
     assert all(row["trained_at_version"] == row["version_start"] == row["version_end"] for row in ledger)
 
@@ -131,14 +111,7 @@ def test_failing_reward_marks_samples_failed_and_the_run_goes_on(tmp_path):
     user_file.parent.mkdir()
     shutil.copy(ROOT / "tests" / "e2e" / "flaky_reward.py", user_file)
     run_dir = tmp_path / "flaky"
-    proc = subprocess.run(
-        [sys.executable, "-m", "asyncrl", "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}",
-         "run.steps=2", f"reward.fn={user_file}:flaky_components"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    metrics, ledger = train_tiny(run_dir, "run.steps=2", f"reward.fn={user_file}:flaky_components")
     assert len({row["sample_id"] for row in ledger}) == len(ledger) == 2 * 8
     failed = [row for row in ledger if row["reward_failed"]]
     assert failed and len(failed) < len(ledger)  # the tiny model's responses vary in length
