@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return ckpt_cli.cmd_inspect(Path(args.ckpt))
     from asyncrl.models import ModelError
     from asyncrl.placement import PlacementError
+    from asyncrl.supervisor import WorkerLost
     from storage import StoreError
 
     if args.command == "store":
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelError, PlacementError, StoreError) as err:
         print(f"asyncrl: error: {err}", file=sys.stderr)
         return 2
+    except WorkerLost as err:  # a dead trainer, or a rollout worker past run.max_restarts
+        print(f"asyncrl: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("asyncrl: interrupted; workers and the store were stopped", file=sys.stderr)
         return 130

@@ -637,6 +637,9 @@ class RunConfig:
     checksums) every this many optimizer steps and after the last one; 0 writes none."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep; older ones are deleted once a new one is complete."""
+    max_restarts: int = 3
+    """Times Ray restarts a rollout worker whose process died; the controller then starts it again, syncs it to the
+    current weights and the worker takes back the prompts it held. 0: a dead rollout worker ends the run."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"run.steps must be >= 1, got {self.steps}")
@@ -650,6 +653,7 @@ class RunConfig:
         )
         _require(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _require(self.max_restarts >= 0, f"run.max_restarts must be >= 0, got {self.max_restarts}")
 
 
 @dataclass(kw_only=True, slots=True)

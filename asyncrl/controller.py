@@ -20,6 +20,7 @@ from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir, wandb_options
 from asyncrl.progress import step_progress
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
+from asyncrl.supervisor import Supervisor
 from asyncrl.types import PROMPT_SCHEMA, Groups, Streams, table_from_rows
 from asyncrl.weight_sync import build_weight_sync
 
@@ -43,12 +44,17 @@ def train(cfg: Config) -> Path:
 
 
 def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) -> None:
-    pipeline = Pipeline.launch(cfg, model_path, prompts, url)
+    pipeline = Pipeline.launch(cfg, model_path, prompts, url, writer.run_dir)
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
     with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
         for step in range(cfg.run.steps):
-            record, ledger = pipeline.step(step, scheduler)
-            record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
+            try:
+                record, ledger = pipeline.step(step, scheduler)
+                record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
+            except Exception as err:
+                if (lost := pipeline.supervisor.trainer_lost(step, err)) is None:
+                    raise
+                raise lost from err
             writer.log_samples(ledger)
             writer.log_step(record)
             progress.advance(record)
@@ -89,9 +95,10 @@ class Pipeline:
     prompts: Any
     redis_pid: int | None
     idle_before: dict[str, float] = field(default_factory=dict)
+    supervisor: Supervisor | None = None
 
     @classmethod
-    def launch(cls, cfg: Config, model_path: str, prompts, url: str) -> Pipeline:
+    def launch(cls, cfg: Config, model_path: str, prompts, url: str, run_dir: Path | None = None) -> Pipeline:
         import ray
 
         from storage import TrajectoryStore
@@ -102,7 +109,9 @@ class Pipeline:
         redis_pid = None if cfg.store.url else int(store.client.info("server")["process_id"])  # embedded: ours
         ray.get([w.start.remote() for w in rollouts], timeout=60)
         weight_sync = build_weight_sync(cfg, trainer, rollouts, url)
-        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, _idle_seconds(rollouts))
+        supervisor = Supervisor(cfg, trainer, rollouts, weight_sync, run_dir, redis_pid)
+        idle = _idle_seconds(rollouts)
+        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, idle, supervisor)
 
     def step(self, step: int, scheduler: Scheduler) -> tuple[dict, list[dict]]:
         """One optimizer step under ``scheduler``, then the weight sync it asks for; (metrics record, ledger)."""
@@ -110,7 +119,9 @@ class Pipeline:
         tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
         counts_before = (scheduler.issued, scheduler.blocked, scheduler.dropped)
         step_ref = self.trainer.train_step.remote(scheduler.version, scheduler.cfg.max_staleness)
-        result = _await_step(step_ref, store, scheduler, self.prompts, self.rollouts, cfg.run.step_timeout_s + 60)
+        check, timeout_s = self.supervisor.check, cfg.run.step_timeout_s + 60
+        result = _await_step(step_ref, store, scheduler, self.prompts, self.rollouts, check, timeout_s)
+        check()  # before the sync and the bookkeeping below ask the workers anything
         scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
         sync_seconds = 0.0
         if scheduler.should_sync():
@@ -125,6 +136,8 @@ class Pipeline:
         record.update(zip(("admitted", "blocked", "dropped"), _deltas(scheduler, counts_before), strict=True))
         record["engine_version"] = scheduler.engine_version
         record.update(_store_upkeep(store))
+        record["rollout_restarts"] = sum(self.supervisor.restarts)
+        record["prompts_reclaimed"] = store.incr("prompts_reclaimed", 0)
         return record, result["ledger"]
 
     def drain(self, timeout_s: float = 120.0) -> None:
@@ -166,7 +179,8 @@ def _idle_record(before: dict[str, float], now: dict[str, float], result: dict, 
     """Idle fractions of this step: ``trainer_idle_fraction`` is the share of the step the trainer did not
     compute (waiting for data, the weight sync, the driver); ``rollout_idle_fraction`` the mean share of the
     step the rollout engines had no request, ``rollout_idle_fraction_by_worker`` each one's."""
-    per_worker = {name: min(1.0, (now[name] - before[name]) / step_seconds) for name in now}
+    # A worker restarted during the step counts its idle time from zero again: it reads as never idle here.
+    per_worker = {name: max(0.0, min(1.0, (now[name] - before[name]) / step_seconds)) for name in now}
     return {
         "trainer_idle_fraction": max(0.0, 1 - result["compute_seconds"] / step_seconds),
         "rollout_idle_fraction": sum(per_worker.values()) / len(per_worker),
@@ -193,6 +207,7 @@ def _store_upkeep(store) -> dict:
     return {
         "store_dead_letters": sum(store.dead_letter_count(stream) for stream in streams),
         "store_inflight_mb": store.inflight(Streams.TRAJECTORIES)[1] / 2**20,
+        "store_inflight_prompts": store.inflight(Streams.PROMPTS)[0],
         "store_put_wait_seconds": store.incr("put_wait_ms", 0) / 1000,
     }
 
@@ -218,11 +233,12 @@ def _process_memory(trainer, rollouts, redis_pid: int | None, timeout_s: float =
     }
 
 
-def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeout_s: float) -> dict:
+def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, check, timeout_s: float) -> dict:
     """Keep the rollout workers fed while the trainer runs one optimizer step.
 
     Waits on: the trainer's step. Meanwhile issues every prompt admission allows, frees the
-    slots of groups the trainer dropped as stale, and fails fast if a rollout worker died.
+    slots of groups the trainer dropped as stale, and ``check``s the rollout workers first
+    (one that failed ends the run, one whose process died is brought back; ``Supervisor``).
     The trainer gives up after run.step_timeout_s itself; the deadline here catches a hang.
     """
     import ray
@@ -231,10 +247,10 @@ def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, timeou
     while True:  # issue first: with max_staleness 0 the step's prompts go out now, not a poll later
         if time.monotonic() > deadline:
             raise TimeoutError(f"optimizer step {scheduler.version + 1} did not finish within {timeout_s:.0f}s")
+        check()  # first: a rollout worker whose process died is brought back before anything asks it
         if not _issue_prompts(store, scheduler, prompts, len(rollouts)) and any(_loads(rollouts, "inflight", 0)):
             scheduler.blocked += 1
         scheduler.on_dropped(_read_dropped(store))
-        _check_health(rollouts)
         if ray.wait([step_ref], timeout=POLL_S)[0]:
             return ray.get(step_ref)
 
@@ -257,9 +273,9 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
         .options(**trainer_slot.actor_options(), name="trainer-0")
         .remote(trainer_slot.worker_config(cfg), model_path, url)
     )
-    rollouts = [
+    rollouts = [  # Ray restarts a rollout worker whose process died; the Supervisor brings it back
         ray.remote(RolloutWorker)
-        .options(**slot.actor_options(), max_concurrency=4)
+        .options(**slot.actor_options(), max_concurrency=4, max_restarts=cfg.run.max_restarts)
         .remote(slot.worker_config(cfg), model_path, url, f"rollout-{i}")
         for i, slot in enumerate(slots["rollout"])
     ]
@@ -292,14 +308,6 @@ def _read_dropped(store) -> list[int]:
         return []
     store.ack(Streams.DROPPED, Groups.CONTROLLER, [e.id for e in entries])
     return [prompt_index(e.table.column("prompt_id")[0].as_py()) for e in entries]
-
-
-def _check_health(rollouts) -> None:
-    import ray
-
-    for worker, error in zip(rollouts, ray.get([w.health.remote() for w in rollouts], timeout=30), strict=True):
-        if error is not None:
-            raise RuntimeError(f"rollout worker {worker} failed: {error}")
 
 
 def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_seconds, generated) -> dict:

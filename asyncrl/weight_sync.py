@@ -34,10 +34,15 @@ CONNECT_MARGIN_S = 10.0
 
 
 class ObjectStoreSync:
-    """``sync.transport=object_store``: one numpy dict through Ray's object store per sync."""
+    """``sync.transport=object_store``: one numpy dict through Ray's object store per sync.
+
+    The last synced dict stays in the object store (one more copy of the weights there), so an engine
+    restarted mid-step gets the weights its peers hold without waiting for the trainer."""
 
     def __init__(self, cfg: Config, trainer: Any, rollouts: list, store_url: str) -> None:
         self.trainer, self.rollouts, self.timeout_s = trainer, rollouts, cfg.sync.timeout_s
+        self.current: tuple[Any, int] | None = None
+        """(weights ref, version) of the last sync; None while the engines hold the model's initial weights."""
 
     def sync(self, version: int) -> float:
         import ray
@@ -47,11 +52,30 @@ class ObjectStoreSync:
         refs = [w.update_weights.remote(weights, version) for w in self.rollouts]
         done, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
         if waiting:
+            hung = ", ".join(f"rollout-{refs.index(ref)}" for ref in waiting)
             raise SyncError(
-                f"weight sync to version {version} timed out after {self.timeout_s}s on {len(waiting)} engine(s)"
+                f"pool {POOL}: sync to version {version} timed out after {self.timeout_s:g}s (sync.timeout_s): "
+                f"engine(s) {hung} did not load the weights (one object, no buckets)"
             )
-        ray.get(done)
+        for index, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                if err.actor_id != self.rollouts[index]._actor_id.hex():
+                    raise  # the trainer, not this engine
+                # Ray restarts it (run.max_restarts); the controller then hands it these weights (rejoin).
+                log.warning("pool %s: engine rollout-%d died during the sync to version %d", POOL, index, version)
+        self.current = (weights, version)
         return time.monotonic() - tic
+
+    def rejoin(self, index: int) -> None:
+        """Give engine ``index`` (restarted) the weights of the last sync; a fresh engine already holds the
+        initial ones. Waits on the engine's load, at most ``sync.timeout_s``."""
+        import ray
+
+        if self.current is not None:
+            weights, version = self.current
+            ray.get(self.rollouts[index].update_weights.remote(weights, version), timeout=self.timeout_s)
 
     def close(self) -> None:
         pass
@@ -65,6 +89,8 @@ class BucketedSync:
         self.live = list(range(len(rollouts)))
         """Indices of the engines in the current group, in rank order (rank = position + 1)."""
         self.generation = -1
+        self.returning: set[int] = set()
+        """Restarted engines that join the group at the next sync (the trainer is busy until its step ends)."""
         self._connect()
 
     def _connect(self) -> None:
@@ -94,6 +120,9 @@ class BucketedSync:
         import ray
 
         tic = time.monotonic()
+        if self.returning:  # a restarted engine has no link yet and its old rank is gone: a new generation
+            self.live, self.returning = sorted({*self.live, *self.returning}), set()
+            self._connect()
         timeout = self.cfg.sync.timeout_s + CONNECT_MARGIN_S
         send = self.trainer.sync_send.remote(version)
         receives = {i: self.rollouts[i].sync_receive.remote(version, self.cfg.sync.mode) for i in self.live}
@@ -130,10 +159,9 @@ class BucketedSync:
         return time.monotonic() - tic
 
     def rejoin(self, index: int) -> None:
-        """Add engine ``index`` (restarted) back to the pool: the group is rebuilt with it."""
-        if index not in self.live:
-            self.live = sorted([*self.live, index])
-            self._connect()
+        """Add engine ``index`` (restarted) back to the pool: the group is rebuilt with it at the next sync,
+        before the weights are sent; until then it generates with the model's initial weights (version 0)."""
+        self.returning.add(index)
 
     def close(self) -> None:
         pass

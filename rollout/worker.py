@@ -63,6 +63,7 @@ class RolloutWorker:
         self.groups: dict[str, _Group] = {}
         self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet put in the store
         self.outbox: list[tuple[pa.Table, str]] = []  # scored groups not yet put, with their prompt entry id
+        self.entry_put: dict[str, list[str]] = {}  # prompt entry id -> prompt ids of its groups already put
         self._next_poll = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,9 +73,13 @@ class RolloutWorker:
     def ready(self) -> str:
         return self.worker_id
 
-    def start(self) -> None:
+    def start(self) -> int:
+        """Take back what this worker id held before (``_reclaim``), then start the generation loop;
+        returns the prompt entries taken back."""
+        reclaimed = self._reclaim()
         self._thread = threading.Thread(target=self._run, name=f"rollout-{self.worker_id}", daemon=True)
         self._thread.start()
+        return reclaimed
 
     def stop(self) -> None:
         self._stop.set()
@@ -85,6 +90,13 @@ class RolloutWorker:
     def health(self) -> str | None:
         """None while the loop is alive, else the error that ended it."""
         return None if self.error is None else repr(self.error)
+
+    def status(self) -> dict:
+        """``pid`` of this process (a restarted actor has a new one), ``started`` (the loop was started in this
+        process) and ``error`` (as ``health``)."""
+        import os
+
+        return {"pid": os.getpid(), "started": self._thread is not None, "error": self.health()}
 
     def load(self) -> dict[str, float]:
         """``idle_seconds``: generation-loop seconds with no request in the engine since start (cumulative);
@@ -162,6 +174,29 @@ class RolloutWorker:
             self.entry_groups[entry.id] = len(rows)
             for row in rows:
                 self._add_group(entry.id, row)
+
+    def _reclaim(self) -> int:
+        """Take back the prompt entries this worker id read and never acknowledged: Ray restarts a killed
+        worker's actor under the same id, so what the dead process held is its own backlog. Groups of an
+        entry that reached the store before the kill (listed by ``_flush``) are not generated again."""
+        entries = self.store.claim_stale(
+            Streams.PROMPTS, Groups.ROLLOUT, self.worker_id, min_idle_ms=0, count=1000, owner=self.worker_id
+        )
+        for entry in entries:
+            put = self.store.get_value(_put_marker(entry.id), [])
+            rows = [row for row in entry.table.to_pylist() if row["prompt_id"] not in put]
+            if not rows:
+                self.store.ack(Streams.PROMPTS, Groups.ROLLOUT, [entry.id])
+                self.store.delete_value(_put_marker(entry.id))
+                continue
+            self.entry_groups[entry.id] = len(rows)
+            self.entry_put[entry.id] = list(put)
+            for row in rows:
+                self._add_group(entry.id, row)
+        if entries:
+            log.warning("rollout worker %s took back %d prompt entries it held", self.worker_id, len(entries))
+            self.store.incr("prompts_reclaimed", len(entries))
+        return len(entries)
 
     def _add_group(self, entry_id: str, row: dict) -> None:
         rc = self.cfg.rollout
@@ -243,12 +278,26 @@ class RolloutWorker:
         self.store.incr("rollout_tokens", tokens)
         if self.store.put_wait_s > waited:  # the trajectories stream was full: back-pressure, as a metric
             self.store.incr("put_wait_ms", round(1000 * (self.store.put_wait_s - waited)))
-        finished = []
-        for _, entry_id in self.outbox:
+        finished, partial = [], set()
+        for group, entry_id in self.outbox:
             self.entry_groups[entry_id] -= 1
             if self.entry_groups[entry_id] == 0:
                 del self.entry_groups[entry_id]
                 finished.append(entry_id)
+            else:
+                self.entry_put.setdefault(entry_id, []).append(group.column("prompt_id")[0].as_py())
+                partial.add(entry_id)
         self.outbox = []
+        # A restarted worker takes back the entries it held: it must know which of their groups are in the store.
+        for entry_id in partial - set(finished):
+            self.store.set_value(_put_marker(entry_id), self.entry_put[entry_id])
         if finished:
             self.store.ack(Streams.PROMPTS, Groups.ROLLOUT, finished)
+            for entry_id in finished:
+                if self.entry_put.pop(entry_id, None) is not None:
+                    self.store.delete_value(_put_marker(entry_id))
+
+
+def _put_marker(entry_id: str) -> str:
+    """Store value listing the prompt ids of a prompt entry whose groups are already put (while others are not)."""
+    return f"rollout_put:{entry_id}"

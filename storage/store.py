@@ -369,25 +369,25 @@ class TrajectoryStore:
         count: int = 10,
         columns: Sequence[str] | None = None,
         expect: pa.Schema | None = None,
+        owner: str | None = None,
     ) -> list[Entry]:
         """Take over up to ``count`` entries another consumer read but has not acknowledged for
-        ``min_idle_ms``; they become pending for ``consumer``.
+        ``min_idle_ms``; they become pending for ``consumer``. With ``owner``, only the entries
+        pending for that consumer: a restarted consumer takes back its own under its old name.
 
         An entry already delivered ``max_deliveries`` times (it made every consumer that took it
         die or fail) goes to the dead-letter stream instead of being handed out again.
         """
         stream_key = self.key(stream)
-        records: list[tuple[Any, dict]] = []
-        cursor: bytes | str = "0-0"
-        # XAUTOCLAIM scans a bounded slice of the pending list per call; follow its cursor
-        # through the list once.
-        while len(records) < count:
-            cursor, claimed, *_ = self.client.xautoclaim(
-                stream_key, group, consumer, min_idle_ms, start_id=cursor, count=count - len(records)
+        if owner is not None:
+            held = self.client.xpending_range(
+                stream_key, group, min="-", max="+", count=count, consumername=owner, idle=min_idle_ms
             )
-            records.extend(record for record in claimed if record[0] is not None)
-            if _text(cursor) == "0-0":
-                break
+            ids = [row["message_id"] for row in held]
+            claimed = self.client.xclaim(stream_key, group, consumer, min_idle_ms, ids) if ids else []
+            records = [record for record in claimed if record[0] is not None]
+        else:
+            records = self._autoclaim(stream_key, group, consumer, min_idle_ms, count)
         deliveries = self._deliveries(stream_key, group, [_text(entry_id) for entry_id, _ in records])
         usable = []
         for record in records:
@@ -399,6 +399,20 @@ class TrajectoryStore:
             else:
                 usable.append(record)
         return self._load(stream, group, usable, columns, expect, deliveries)
+
+    def _autoclaim(self, stream_key: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list:
+        records: list[tuple[Any, dict]] = []
+        cursor: bytes | str = "0-0"
+        # XAUTOCLAIM scans a bounded slice of the pending list per call; follow its cursor
+        # through the list once.
+        while len(records) < count:
+            cursor, claimed, *_ = self.client.xautoclaim(
+                stream_key, group, consumer, min_idle_ms, start_id=cursor, count=count - len(records)
+            )
+            records.extend(record for record in claimed if record[0] is not None)
+            if _text(cursor) == "0-0":
+                break
+        return records
 
     def touch(self, stream: str, group: str, consumer: str, ids: Iterable[str]) -> int:
         """Reset the idle time of entries ``consumer`` still holds, so ``claim_stale`` does not take
@@ -565,6 +579,10 @@ class TrajectoryStore:
         """The object stored under ``name``, or ``default`` if there is none."""
         raw = self.client.get(self.key(name))
         return default if raw is None else msgpack.unpackb(raw, raw=False)
+
+    def delete_value(self, name: str) -> None:
+        """Remove the object stored under ``name`` (no-op if there is none)."""
+        self.client.delete(self.key(name))
 
     def incr(self, name: str, by: int = 1) -> int:
         """Atomically add ``by`` to the counter ``name`` (0 if absent); returns the new value."""

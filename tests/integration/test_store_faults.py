@@ -102,3 +102,14 @@ def test_unacked_entries_survive_a_killed_redis_with_aof(tmp_path: Path) -> None
         after.client.close()
     finally:
         restarted.stop()
+
+
+def test_a_restarted_consumer_takes_back_only_its_own_entries(store: TrajectoryStore) -> None:
+    ids = [store.put(STREAM, _batch(index)) for index in range(4)]
+    store.ensure_group(STREAM, GROUP)
+    store.read(STREAM, GROUP, "w0", count=2)  # then w0's process dies
+    store.read(STREAM, GROUP, "w1", count=2)  # alive, still working on these
+    back = store.claim_stale(STREAM, GROUP, "w0", min_idle_ms=0, owner="w0")
+    assert [entry.id for entry in back] == ids[:2]
+    assert store.claim_stale(STREAM, GROUP, "w0", min_idle_ms=60_000, owner="w1") == []  # w1's are not idle
+    assert store.ack(STREAM, GROUP, ids) == 4 and store.inflight(STREAM) == (0, 0)

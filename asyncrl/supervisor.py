@@ -1,0 +1,133 @@
+"""Keeping a run's workers alive: the fault boundary between the driver and its actors.
+
+- A rollout worker whose process died is restarted by Ray (``run.max_restarts``); ``check`` notices the
+  new process, hands it the weights its peers hold (``weight_sync.rejoin``) and starts it again, and the
+  worker takes back the prompt entries its dead process held (same consumer name).
+- A trainer whose process died ends the run (``trainer_lost``) with the newest checkpoint to resume from.
+
+The pids of the run's processes are in ``run.dir/processes.json`` (rewritten on every restart), for
+operators and the fault tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from asyncrl.config import Config
+
+log = logging.getLogger(__name__)
+
+PROCESSES = "processes.json"
+RETRY_S = 0.5
+START_TIMEOUT_S = 60.0
+
+
+class WorkerLost(RuntimeError):
+    """A worker of the run died and cannot be brought back; the message says what is left to do."""
+
+
+class Supervisor:
+    """The driver's watch over one trainer and its rollout workers (see the module docstring)."""
+
+    def __init__(
+        self, cfg: Config, trainer: Any, rollouts: list, weight_sync: Any, run_dir: Path | None, redis_pid: int | None
+    ) -> None:
+        import ray
+
+        self.cfg, self.trainer, self.rollouts, self.weight_sync = cfg, trainer, rollouts, weight_sync
+        self.run_dir = run_dir
+        self.restarts = [0] * len(rollouts)
+        """Restarts of each rollout worker so far."""
+        reports = ray.get([trainer.memory.remote(), *[w.memory.remote() for w in rollouts]], timeout=30)
+        names = ["trainer-0", *[f"rollout-{i}" for i in range(len(rollouts))]]
+        self.pids = {"driver": os.getpid(), **{name: int(r["pid"]) for name, r in zip(names, reports, strict=True)}}
+        if redis_pid is not None:
+            self.pids["redis"] = redis_pid
+        self._write_processes()
+
+    def check(self) -> list[int]:
+        """Fail on a rollout worker whose loop stopped with an error; bring back each one whose process died
+        and was restarted; returns the indices brought back.
+
+        Waits on: every worker's ``status``. A worker Ray is restarting answers once its engine is up again;
+        one that stays silent for ``run.step_timeout_s`` (hung, or a restart that never finishes) fails the run.
+        """
+        refs = [worker.status.remote() for worker in self.rollouts]
+        back = []
+        for index, ref in enumerate(refs):
+            status = self._status(index, ref)
+            if status["error"] is not None:
+                raise RuntimeError(f"rollout worker rollout-{index} failed: {status['error']}")
+            if not status["started"] or status["pid"] != self.pids[f"rollout-{index}"]:
+                self._bring_back(index, status["pid"])
+                back.append(index)
+        return back
+
+    def trainer_lost(self, step: int, err: BaseException) -> WorkerLost | None:
+        """If ``err`` says the trainer's process died: the error that ends the run, naming the newest complete
+        checkpoint to resume from; else None (another actor's error, or not an actor's)."""
+        import ray
+
+        if not isinstance(err, ray.exceptions.RayActorError):
+            return None
+        if err.actor_id is not None and err.actor_id != self.trainer._actor_id.hex():
+            return None
+        from asyncrl.checkpoint import list_checkpoints
+
+        found = list_checkpoints(self.run_dir) if self.run_dir is not None else []
+        if found:
+            where = f"resume from the newest checkpoint: asyncrl ckpt resume {found[-1].path} (step {found[-1].step})"
+        else:
+            where = "no checkpoint was written yet (run.checkpoint_every), so the run must start over"
+        pid = self.pids["trainer-0"]
+        return WorkerLost(f"the trainer (trainer-0, pid {pid}) died during optimizer step {step + 1}; {where}")
+
+    def _status(self, index: int, ref: Any) -> dict:
+        """Worker ``index``'s ``status()``, through a restart of its actor."""
+        import ray
+
+        name, limit = f"rollout-{index}", self.cfg.run.step_timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                return ray.get(ref, timeout=max(RETRY_S, deadline - time.monotonic()))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+                if isinstance(err, ray.exceptions.RayActorError) and self.restarts[index] >= self.cfg.run.max_restarts:
+                    raise WorkerLost(
+                        f"rollout worker {name} (pid {self.pids[name]}) died and is not restarted: "
+                        f"run.max_restarts={self.cfg.run.max_restarts} restarts are used up"
+                    ) from err
+                if time.monotonic() > deadline:
+                    raise WorkerLost(
+                        f"rollout worker {name} (pid {self.pids[name]}) did not answer for {limit:g}s "
+                        "(run.step_timeout_s): hung, or its restart did not finish"
+                    ) from err
+            time.sleep(RETRY_S)  # died just now: Ray has not begun the restart that the next call waits for
+            ref = self.rollouts[index].status.remote()
+
+    def _bring_back(self, index: int, pid: int) -> None:
+        """Worker ``index`` runs in a new process: give it its peers' weights, then start it (it takes back its
+        prompts). Waits on the weight load (``sync.timeout_s``) and the start."""
+        import ray
+
+        name = f"rollout-{index}"
+        self.restarts[index] += 1
+        log.warning("rollout worker %s is back in pid %d (was %d; restart %d of run.max_restarts=%d)",
+                    name, pid, self.pids[name], self.restarts[index], self.cfg.run.max_restarts)  # fmt: skip
+        self.weight_sync.rejoin(index)
+        reclaimed = ray.get(self.rollouts[index].start.remote(), timeout=START_TIMEOUT_S)
+        log.warning("rollout worker %s took back %d prompt entries its dead process held", name, reclaimed)
+        self.pids[name] = pid
+        self._write_processes()
+
+    def _write_processes(self) -> None:
+        if self.run_dir is None:
+            return
+        tmp = self.run_dir / (PROCESSES + ".tmp")
+        tmp.write_text(json.dumps(self.pids, indent=1) + "\n")
+        tmp.replace(self.run_dir / PROCESSES)
