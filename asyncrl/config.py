@@ -246,6 +246,16 @@ class RolloutConfig:
     null is single-turn. The episode's reward is the sample's (reward.fn is not called); observations are not trained."""
     max_turns: int = 4
     """Most model turns of one multi-turn episode (rollout.env); each turn samples up to max_new_tokens."""
+    inflight_budget_s: float = 0.0
+    """Load balance: a worker pulls another prompt group only while its running requests' remaining tokens would take
+    under this many seconds at its own measured decode rate, so a slower worker holds less; 0 fills to max_num_seqs."""
+    debug_token_delay_s: list[float] = field(default_factory=list)
+    """Test only: worker rollout-i sleeps debug_token_delay_s[i] seconds per token it samples, capping its decode rate
+    at 1/delay tokens/s (a slow engine of known speed); missing entries are 0."""
+
+    def token_delay_s(self, worker_index: int) -> float:
+        """``debug_token_delay_s`` of worker ``rollout-<worker_index>`` (0 when the list is shorter)."""
+        return self.debug_token_delay_s[worker_index] if worker_index < len(self.debug_token_delay_s) else 0.0
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 1, f"rollout.num_workers must be >= 1, got {self.num_workers}")
@@ -260,6 +270,11 @@ class RolloutConfig:
         _require(self.length_median >= 1, f"rollout.length_median must be >= 1, got {self.length_median}")
         _require(self.length_sigma >= 0, f"rollout.length_sigma must be >= 0, got {self.length_sigma}")
         _require(self.max_turns >= 1, f"rollout.max_turns must be >= 1, got {self.max_turns}")
+        _require(self.inflight_budget_s >= 0, f"rollout.inflight_budget_s must be >= 0, got {self.inflight_budget_s}")
+        _require(
+            all(delay >= 0 for delay in self.debug_token_delay_s),
+            f"rollout.debug_token_delay_s must hold seconds >= 0, one per worker, got {list(self.debug_token_delay_s)}",
+        )
         if self.env is not None:
             self.env = _env_spec("rollout.env", self.env)
 
@@ -679,6 +694,12 @@ class Config:
         if rollout_pools:
             # With pools, they decide how many engines run; everything downstream reads rollout.num_workers.
             self.rollout.num_workers = sum(pool.count for pool in rollout_pools)
+        delays = len(self.rollout.debug_token_delay_s)
+        _require(
+            delays <= self.rollout.num_workers,
+            f"rollout.debug_token_delay_s has {delays} entries for {self.rollout.num_workers} rollout workers "
+            "(one per worker at most)",
+        )
         batch = self.trainer.prompts_per_step * self.rollout.group_size
         _require(
             batch % self.trainer.micro_batch_size == 0,

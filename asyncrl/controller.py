@@ -133,6 +133,7 @@ class Pipeline:
         idle_now = _idle_seconds(self.rollouts)
         record.update(_idle_record(self.idle_before, idle_now, result, step_seconds))
         self.idle_before = idle_now
+        record.update(_decode_record(self.rollouts))
         record.update(zip(("admitted", "blocked", "dropped"), _deltas(scheduler, counts_before), strict=True))
         record["engine_version"] = scheduler.engine_version
         record.update(_store_upkeep(store))
@@ -186,6 +187,18 @@ def _idle_record(before: dict[str, float], now: dict[str, float], result: dict, 
         "rollout_idle_fraction": sum(per_worker.values()) / len(per_worker),
         "rollout_idle_fraction_by_worker": {name: round(value, 4) for name, value in per_worker.items()},
     }
+
+
+def _decode_record(rollouts, timeout_s: float = 10.0) -> dict:
+    """``rollout_decode_by_worker``: each rollout worker's ``tokens`` sampled and ``busy_seconds`` stepping since the
+    start (their change over some steps is its decode rate while it had work) and ``tokens_per_s``, its recent rate,
+    which ``rollout.inflight_budget_s`` measures held work against."""
+    import ray
+
+    reports = ray.get([w.load.remote() for w in rollouts], timeout=timeout_s)
+    keys = ("tokens", "busy_seconds", "tokens_per_s")
+    by_worker = {f"rollout-{i}": {key: round(report[key], 3) for key in keys} for i, report in enumerate(reports)}
+    return {"rollout_decode_by_worker": by_worker}
 
 
 def _deltas(scheduler: Scheduler, before: tuple[int, int, int]) -> list[int]:
@@ -248,7 +261,7 @@ def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, check,
         if time.monotonic() > deadline:
             raise TimeoutError(f"optimizer step {scheduler.version + 1} did not finish within {timeout_s:.0f}s")
         check()  # first: a rollout worker whose process died is brought back before anything asks it
-        if not _issue_prompts(store, scheduler, prompts, len(rollouts)) and any(_loads(rollouts, "inflight", 0)):
+        if not _issue_prompts(store, scheduler, prompts) and any(_loads(rollouts, "inflight", 0)):
             scheduler.blocked += 1
         scheduler.on_dropped(_read_dropped(store))
         if ray.wait([step_ref], timeout=POLL_S)[0]:
@@ -283,21 +296,16 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
     return trainer, rollouts
 
 
-def _issue_prompts(store, scheduler: Scheduler, prompts, num_workers: int) -> int:
-    """Push every admissible prompt, split into one entry per worker so pulls spread the load; returns the count."""
+def _issue_prompts(store, scheduler: Scheduler, prompts) -> int:
+    """Push every admissible prompt, one store entry per prompt group; returns the count. Each rollout worker pulls
+    entries only while it has room (rollout/worker.py ``_take_prompts``), so a faster worker takes more of them."""
     count = scheduler.admissible()
     if count == 0:
         return 0
-    indices = scheduler.take(count)
-    chunk = -(-count // num_workers)
-    for start in range(0, count, chunk):
-        rows = []
-        for index in indices[start : start + chunk]:
-            prompt = prompts[index]
-            rows.append(
-                {"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer}
-            )
-        store.put(Streams.PROMPTS, table_from_rows(rows, PROMPT_SCHEMA), {"rows": len(rows)})
+    for index in scheduler.take(count):
+        prompt = prompts[index]
+        row = {"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer}
+        store.put(Streams.PROMPTS, table_from_rows([row], PROMPT_SCHEMA), {"rows": 1})
     return count
 
 

@@ -48,6 +48,7 @@ class FinishedSequence:
 class _RunningSequence:
     prompt_ids: list[int]
     started_at: float
+    max_new_tokens: int
     response_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     token_versions: list[int] = field(default_factory=list)
@@ -134,6 +135,7 @@ class GenerationEngine:
         self._pending_updates = 0
         self._running: dict[str, _RunningSequence] = {}
         self._aborted: list[FinishedSequence] = []
+        self.tokens_sampled = 0  # since start, every request's; a rollout worker's decode rate counts them
         args = EngineArgs(
             **engine_kwargs(
                 model_path,
@@ -179,7 +181,7 @@ class GenerationEngine:
         )
         with self._lock:
             self._engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, params)
-            self._running[request_id] = _RunningSequence(prompt_ids=list(prompt_ids), started_at=time.perf_counter())
+            self._running[request_id] = _RunningSequence(list(prompt_ids), time.perf_counter(), max_new_tokens)
 
     def step(self) -> list[FinishedSequence]:
         """Run one engine step; return the sequences that finished in it (and any aborted since).
@@ -203,6 +205,7 @@ class GenerationEngine:
                 new_ids = list(completion.token_ids)
                 sequence.response_ids.extend(new_ids)
                 sequence.token_versions.extend([version] * len(new_ids))
+                self.tokens_sampled += len(new_ids)
                 for token_id, position in zip(new_ids, completion.logprobs, strict=True):
                     sequence.logprobs.append(position[token_id].logprob)
                 if output.finished:
@@ -214,6 +217,12 @@ class GenerationEngine:
         """Requests still generating plus aborted ones that the next ``step`` will hand back."""
         with self._lock:
             return len(self._running) + len(self._aborted)
+
+    def pending_tokens(self) -> int:
+        """Tokens the running requests may still sample: the rest of each one's ``max_new_tokens`` (an upper bound,
+        a request can stop early)."""
+        with self._lock:
+            return sum(seq.max_new_tokens - len(seq.response_ids) for seq in self._running.values())
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop these requests; their partial responses come back from the next ``step``

@@ -7,6 +7,8 @@ another thread and lands between two engine steps (the engine's lock makes the s
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 import time
 import warnings
@@ -25,6 +27,30 @@ from rollout.multiturn import build_driver
 log = logging.getLogger(__name__)
 
 BUSY_POLL_S = 0.05  # a store round trip per engine step costs a few percent on a small model
+RATE_HORIZON_S = 2.0  # the decode rate is a mean over about this many recent busy seconds
+
+
+@dataclass
+class DecodeRate:
+    """A worker's decode rate: tokens sampled per busy second, decayed over ``RATE_HORIZON_S`` so it follows
+    a changing load (batch size, response lengths) but not one step's noise."""
+
+    tokens: int = 0  # since start
+    busy_seconds: float = 0.0  # since start: engine steps, scoring and the test-only delay
+    _recent_tokens: float = 0.0
+    _recent_seconds: float = 0.0
+
+    def record(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.busy_seconds += seconds
+        keep = math.exp(-seconds / RATE_HORIZON_S)
+        self._recent_tokens = keep * self._recent_tokens + tokens
+        self._recent_seconds = keep * self._recent_seconds + seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        """0 until the first engine step."""
+        return self._recent_tokens / self._recent_seconds if self._recent_seconds > 0 else 0.0
 
 
 @dataclass
@@ -68,6 +94,8 @@ class RolloutWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.idle_seconds = 0.0  # loop time with no request in the engine (waiting for prompts), since start
+        self.decode = DecodeRate()
+        self.token_delay_s = cfg.rollout.token_delay_s(_worker_index(worker_id))  # test only: a slow engine
         self.error: BaseException | None = None
 
     def ready(self) -> str:
@@ -100,8 +128,16 @@ class RolloutWorker:
 
     def load(self) -> dict[str, float]:
         """``idle_seconds``: generation-loop seconds with no request in the engine since start (cumulative);
-        ``inflight``: requests in the engine now."""
-        return {"idle_seconds": self.idle_seconds, "inflight": self.engine.num_unfinished()}
+        ``inflight``: requests in the engine now; ``tokens`` sampled and ``busy_seconds`` stepping since start
+        (a restarted worker counts from zero again);
+        ``tokens_per_s``: the recent decode rate that ``rollout.inflight_budget_s`` measures work against."""
+        return {
+            "idle_seconds": self.idle_seconds,
+            "inflight": self.engine.num_unfinished(),
+            "tokens": self.decode.tokens,
+            "busy_seconds": self.decode.busy_seconds,
+            "tokens_per_s": self.decode.tokens_per_s,
+        }
 
     def memory(self) -> dict[str, float]:
         """This process's pid and resident memory in MB (``rss`` now, ``peak``); the vLLM engine is in it."""
@@ -151,15 +187,29 @@ class RolloutWorker:
                 if idle:
                     self.idle_seconds += time.monotonic() - tic
                 if self.engine.num_unfinished():
-                    for seq in self.engine.step():
-                        self._finish(seq)
+                    self._step()
                 if self.outbox and (self._outbox_full() or not self.engine.num_unfinished()):
                     self._flush()
         except BaseException as err:  # the fault boundary of this worker: reported via health()
             log.exception("rollout worker %s stopped", self.worker_id)
             self.error = err
 
+    def _step(self) -> None:
+        """One engine step and the scoring of the groups it finished; the time counts to the decode rate."""
+        tic, sampled = time.monotonic(), self.engine.tokens_sampled
+        for seq in self.engine.step():
+            self._finish(seq)
+        tokens = self.engine.tokens_sampled - sampled
+        if self.token_delay_s:  # outside the engine lock: a weight update still lands between two steps
+            time.sleep(self.token_delay_s * tokens)
+        self.decode.record(tokens, time.monotonic() - tic)
+
     def _take_prompts(self) -> None:
+        """Pull prompt groups (one per store entry) into free engine slots, as many as ``_groups_within_budget`` allows.
+
+        A worker pulls only for itself and only what it can start now, so prompts go to whichever worker has
+        room first: a faster one frees room sooner and, with ``rollout.inflight_budget_s``, is allowed more.
+        """
         free_groups = self.cfg.rollout.max_num_seqs // self.cfg.rollout.group_size - len(self.groups)
         if free_groups <= 0:
             return
@@ -168,7 +218,11 @@ class RolloutWorker:
         if not idle and now < self._next_poll:
             return  # while decoding, look for new prompts at most every BUSY_POLL_S, not every engine step
         self._next_poll = now + BUSY_POLL_S
-        entries = self.store.read(Streams.PROMPTS, Groups.ROLLOUT, self.worker_id, count=1, block_ms=200 if idle else 0)
+        count = min(free_groups, self._groups_within_budget(idle))
+        if count <= 0:
+            return
+        block_ms = 200 if idle else 0
+        entries = self.store.read(Streams.PROMPTS, Groups.ROLLOUT, self.worker_id, count=count, block_ms=block_ms)
         for entry in entries:
             rows = entry.table.to_pylist()
             self.entry_groups[entry.id] = len(rows)
@@ -197,6 +251,20 @@ class RolloutWorker:
             log.warning("rollout worker %s took back %d prompt entries it held", self.worker_id, len(entries))
             self.store.incr("prompts_reclaimed", len(entries))
         return len(entries)
+
+    def _groups_within_budget(self, idle: bool) -> int:
+        """Groups this worker may take now under ``rollout.inflight_budget_s``: its running requests' remaining
+        tokens plus the new groups' (at most ``max_new_tokens`` each) must drain within the budget at its own
+        recent decode rate. An idle engine always takes one, so no worker waits while prompts are queued. No
+        budget: every free slot; no rate measured yet (before the first step): one group, and only when idle."""
+        rc = self.cfg.rollout
+        if not rc.inflight_budget_s:
+            return rc.max_num_seqs
+        rate = self.decode.tokens_per_s
+        if not rate:
+            return 1 if idle else 0
+        room = rc.inflight_budget_s * rate - self.engine.pending_tokens()
+        return max(int(idle), math.ceil(room / (rc.group_size * rc.max_new_tokens)))
 
     def _add_group(self, entry_id: str, row: dict) -> None:
         rc = self.cfg.rollout
@@ -301,3 +369,9 @@ class RolloutWorker:
 def _put_marker(entry_id: str) -> str:
     """Store value listing the prompt ids of a prompt entry whose groups are already put (while others are not)."""
     return f"rollout_put:{entry_id}"
+
+
+def _worker_index(worker_id: str) -> int:
+    """The ``i`` of ``rollout-<i>`` (0 for an id without a trailing number): its ``rollout.debug_token_delay_s`` entry."""
+    match = re.search(r"(\d+)$", worker_id)
+    return int(match.group(1)) if match else 0

@@ -122,7 +122,7 @@ class InProcessRollout:
         expected = num_prompts * self.cfg.rollout.group_size
         sequences = tokens = 0
         started = time.perf_counter()
-        _issue_prompts(self.store, scheduler, self.prompts, num_workers=1)
+        _issue_prompts(self.store, scheduler, self.prompts)
         while sequences < expected:
             if self.worker.error is not None:
                 raise RuntimeError(f"rollout worker failed: {self.worker.error!r}")

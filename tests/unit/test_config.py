@@ -43,6 +43,10 @@ def test_unknown_key_in_yaml(tmp_path):
         ("trainer.zero_stage=3", "trainer.zero_stage"),
         ("store.url=http://x", "store.url"),
         ("trainer.micro_batch_size=5", "must divide"),
+        ("rollout.inflight_budget_s=-1", "rollout.inflight_budget_s must be >= 0, got -1.0"),
+        ("rollout.debug_token_delay_s=[-0.1]", "rollout.debug_token_delay_s must hold seconds >= 0"),
+        ("rollout.debug_token_delay_s=0.1", "rollout.debug_token_delay_s"),
+        ("rollout.debug_token_delay_s=[0.1,0.5]", "rollout.debug_token_delay_s has 2 entries for 1 rollout workers"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
