@@ -191,7 +191,9 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
         value = getattr(scheduler, item.name)
         if isinstance(value, dict):  # Counter: staleness -> samples
             value = {str(key): count for key, count in sorted(value.items())}
-        elif isinstance(value, (list, tuple, set, deque)):
+        elif isinstance(value, set):  # outstanding prompt indices
+            value = sorted(value)
+        elif isinstance(value, (list, tuple, deque)):
             value = list(value)
         state[item.name] = value
     return state

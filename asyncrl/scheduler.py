@@ -13,6 +13,7 @@ staleness(sample) = trainer version when the sample enters an optimizer step - v
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from asyncrl.config import SchedulerConfig
@@ -47,6 +48,8 @@ class Scheduler:
     next_prompt: int = 0
     requeued: deque[int] = field(default_factory=deque)
     staleness_counts: Counter = field(default_factory=Counter)
+    outstanding: set[int] = field(default_factory=set)
+    """Prompt indices issued and neither trained nor dropped: what a checkpoint must issue again on resume."""
 
     def admissible(self) -> int:
         """Groups that may be issued now: up to ``max_staleness + 1`` global batches ahead of the weights the
@@ -67,11 +70,13 @@ class Scheduler:
                 picked.append(self.next_prompt)
                 self.next_prompt += 1
         self.issued += count
+        self.outstanding.update(picked)
         return picked
 
     def on_dropped(self, prompt_indices: list[int]) -> None:
         """The trainer dropped these stale groups: free their admission slots, maybe issue them again."""
         self.dropped += len(prompt_indices)
+        self.outstanding.difference_update(prompt_indices)
         if self.cfg.on_stale == "regenerate":
             self.requeued.extend(prompt_indices)
 
@@ -81,6 +86,22 @@ class Scheduler:
         prompts from index 0 again: ``asyncrl bench pipeline`` runs each bound on the same workers."""
         done = version * prompts_per_step
         return cls(cfg, prompts_per_step, version=version, issued=done, trained=done, engine_version=version)
+
+    @classmethod
+    def from_state(cls, cfg: SchedulerConfig, prompts_per_step: int, state: dict) -> Scheduler:
+        """The scheduler of a checkpoint (``asyncrl.checkpoint.scheduler_state``) on a pipeline with nothing in
+        flight: the prompts outstanding at the checkpoint are no longer issued and go first in the re-issue
+        queue, so none is lost and admission counts as it did then."""
+        outstanding = sorted(int(index) for index in state["outstanding"])
+        rebuilt = ("prompts_per_step", "issued", "outstanding", "requeued", "staleness_counts")
+        return cls(
+            cfg,
+            prompts_per_step,
+            **{key: value for key, value in state.items() if key not in rebuilt},
+            issued=state["issued"] - len(outstanding),
+            requeued=deque([*outstanding, *state["requeued"]]),
+            staleness_counts=Counter({int(key): count for key, count in state["staleness_counts"].items()}),
+        )
 
     def should_sync(self) -> bool:
         """Whether to send the weights now that the trainer is at ``version`` and the engines hold
@@ -99,8 +120,10 @@ class Scheduler:
         self.engine_version = self.version
         self.syncs += 1
 
-    def on_step(self, trained_groups: int, staleness_values: list[int]) -> None:
-        """An optimizer step finished: the version moves on and admission opens by one batch."""
+    def on_step(self, trained_groups: int, staleness_values: list[int], trained_prompts: Iterable[int] = ()) -> None:
+        """An optimizer step finished (its groups of the prompt indices ``trained_prompts``): the version moves on
+        and admission opens by one batch."""
         self.trained += trained_groups
+        self.outstanding.difference_update(trained_prompts)
         self.version += 1
         self.staleness_counts.update(staleness_values)

@@ -107,6 +107,11 @@ class TrainerWorker:
         self.policy.save_state(folder)
         self.tokenizer.save_pretrained(os.path.join(folder, "hf_config"))
 
+    def load_checkpoint(self, folder: str) -> None:
+        """Restore the policy's engine state (module, optimizer, LR schedule) and RNG from a checkpoint folder, at
+        this run's ``trainer.lr`` (a resume may change it); called before the first step."""
+        self.policy.load_state(folder, lr=self.cfg.trainer.lr)
+
     def weights(self) -> dict:
         """Full weights as numpy arrays (they travel through Ray's shared-memory object store)."""
         return {name: tensor.float().numpy() for name, tensor in self.policy.named_weights()}
@@ -197,8 +202,8 @@ class TrainerWorker:
                     continue
                 accepted += group.num_rows
                 pending.extend(scorer.ready())
-                columns = ["sample_id", "version_start", "version_end", "reward", "reward_failed", "reward_error"]
-                columns += ["reward_components", "loss_mask"]
+                columns = ["sample_id", "prompt_id", "version_start", "version_end", "reward", "reward_failed"]
+                columns += ["reward_error", "reward_components", "loss_mask"]
                 for row in group.select([*columns, "worker_id"]).to_pylist():
                     components = dict(row.pop("reward_components") or ())  # an Arrow map reads as (key, value) pairs
                     row.update(mask_summary(row.pop("loss_mask")))  # multi-turn: turns and observation tokens
