@@ -48,19 +48,15 @@ def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) ->
     scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
     with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
         for step in range(cfg.run.steps):
-            try:
+            with pipeline.supervisor.watch_trainer(step):  # its death ends the run naming the checkpoint
                 record, ledger = pipeline.step(step, scheduler)
                 record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
-            except Exception as err:
-                if (lost := pipeline.supervisor.trainer_lost(step, err)) is None:
-                    raise
-                raise lost from err
-            writer.log_samples(ledger)
-            writer.log_step(record)
-            progress.advance(record)
-            every = cfg.run.checkpoint_every
-            if every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps):
-                _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
+                writer.log_samples(ledger)
+                writer.log_step(record)
+                progress.advance(record)
+                every = cfg.run.checkpoint_every
+                if every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps):
+                    _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
     pipeline.stop()
 
 

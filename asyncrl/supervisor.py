@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,17 @@ class Supervisor:
                 back.append(index)
         return back
 
+    @contextmanager
+    def watch_trainer(self, step: int) -> Iterator[None]:
+        """Around optimizer step ``step`` and what follows it (sync, logs, checkpoint): the death of the trainer's
+        process in there raises ``WorkerLost`` naming the checkpoint to resume from (``trainer_lost``)."""
+        try:
+            yield
+        except Exception as err:
+            if (lost := self.trainer_lost(step, err)) is None:
+                raise
+            raise lost from err
+
     def trainer_lost(self, step: int, err: BaseException) -> WorkerLost | None:
         """If ``err`` says the trainer's process died: the error that ends the run, naming the newest complete
         checkpoint to resume from; else None (another actor's error, or not an actor's)."""
@@ -85,7 +98,7 @@ class Supervisor:
         else:
             where = "no checkpoint was written yet (run.checkpoint_every), so the run must start over"
         pid = self.pids["trainer-0"]
-        return WorkerLost(f"the trainer (trainer-0, pid {pid}) died during optimizer step {step + 1}; {where}")
+        return WorkerLost(f"the trainer (trainer-0, pid {pid}) died at optimizer step {step + 1}; {where}")
 
     def _status(self, index: int, ref: Any) -> dict:
         """Worker ``index``'s ``status()``, through a restart of its actor."""

@@ -114,16 +114,16 @@ def test_a_killed_trainer_stops_the_run_naming_the_checkpoint_to_resume_from(tmp
     run_dir = tmp_path / "run"
     proc = _start(run_dir, "run.steps=30", "run.checkpoint_every=1")
     try:
-        _wait_for("two steps", lambda: _steps_done(run_dir) >= 2, proc)
+        _wait_for("two steps", lambda: _steps_done(run_dir) >= 2, proc)  # so checkpoint step-000001 is complete
         pid = _pids(run_dir)["trainer-0"]
         os.kill(pid, signal.SIGKILL)
         code, err = _finish(proc)
     finally:
         proc.kill()
     assert code == 1, err[-4000:]
-    found = re.search(rf"the trainer \(trainer-0, pid {pid}\) died during optimizer step \d+; resume from the newest "
+    found = re.search(rf"the trainer \(trainer-0, pid {pid}\) died at optimizer step \d+; resume from the newest "
                       r"checkpoint: asyncrl ckpt resume (\S+) \(step (\d+)\)", err)  # fmt: skip
     assert found, err[-4000:]
     checkpoint, step = Path(found.group(1)), int(found.group(2))
-    assert step >= 2 and checkpoint.name == f"step-{step:06d}"
+    assert step >= 1 and checkpoint.name == f"step-{step:06d}"
     assert verify(checkpoint) == []
