@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
+from asyncrl.checkpoint import CheckpointError, list_checkpoints
 from asyncrl.config import ConfigError, load_config, to_yaml
 
 BENCH_CONFIG = "configs/tiny.yaml"
@@ -29,6 +29,7 @@ A job is one YAML file plus key=value overrides, e.g.
   asyncrl simulate configs/gpu/qwen2.5-7b-64gpu.yaml
   asyncrl store stats runs/demo
   asyncrl ckpt list runs/demo
+  asyncrl ckpt resume runs/demo/checkpoints/step-000010 run.steps=40
 """
 
 
@@ -180,6 +181,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     ckpt_export.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder")
     ckpt_export.add_argument("out", metavar="OUT", help="the folder to write")
+    ckpt_resume = ckpt_commands.add_parser(
+        "resume",
+        help="continue a run from a checkpoint, in its run folder, at the step after it",
+        description="Verify CKPT, load its config.yaml with the overrides (run.steps, trainer.lr, run.checkpoint_every, "
+        "logging, resources, scheduler.*, store.* and sync.* may change; a change to anything else, such as model.path "
+        "or rollout.group_size, is refused naming the key), cut metrics.jsonl and ledger.jsonl in CKPT/../.. back to "
+        "it, and train from its step + 1 to run.steps. The run's store keys are purged and the prompts in flight at "
+        "the checkpoint are issued again. SIGTERM/SIGINT checkpoint and stop as in `train`.",
+    )
+    ckpt_resume.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder, e.g. runs/demo/checkpoints/step-000010")
+    ckpt_resume.add_argument("overrides", nargs="*", metavar="key=value", help="config changes, e.g. run.steps=40")
+    ckpt_resume.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     return parser
 
 
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*WORKLOAD, *args.overrides]  # the long-tailed workload, under the command's overrides
     if args.command == "plot":
         return _plot(Path(args.run_dir))
-    if args.command == "ckpt":
+    if args.command == "ckpt" and args.ckpt_command != "resume":
         from asyncrl import ckpt_cli
 
         if args.ckpt_command == "list":
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, resume = _job(args)
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
@@ -264,11 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             cfg.run.progress = False
         from asyncrl.controller import train
+        from asyncrl.stop import StopSignals
 
-        # SIGTERM unwinds like Ctrl-C, so the store server and Ray are stopped on the way out.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        run_dir = train(cfg)
-    except (ConfigError, ModelError, PlacementError, StoreError) as err:
+        # The first SIGTERM/SIGINT checkpoints at the next step boundary and stops; a second one unwinds at once,
+        # so the store server and Ray are stopped on the way out.
+        signals = StopSignals().install()
+        run_dir = train(cfg, resume, signals)
+    except (ConfigError, CheckpointError, ModelError, PlacementError, StoreError) as err:
         print(f"asyncrl: error: {err}", file=sys.stderr)
         return 2
     except WorkerLost as err:  # a dead trainer, or a rollout worker past run.max_restarts
@@ -277,8 +292,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("asyncrl: interrupted; workers and the store were stopped", file=sys.stderr)
         return 130
+    if signals.requested:
+        newest = list_checkpoints(run_dir)[-1].path
+        print(
+            f"asyncrl: stopped by {signals.received.name}; checkpoint {newest} (continue with `asyncrl ckpt resume "
+            f"{newest}`)",
+            file=sys.stderr,
+        )
+        return signals.exit_code
     print(f"run finished: {run_dir} (metrics.jsonl, ledger.jsonl, reward.png)")
     return 0
+
+
+def _job(args: argparse.Namespace):
+    """The config of the command, and the checkpoint to resume from (``ckpt resume``, else None)."""
+    if args.command == "ckpt":
+        from asyncrl.resume import plan_resume
+
+        return plan_resume(Path(args.ckpt), args.overrides)
+    return load_config(args.config, args.overrides), None
 
 
 def _bench(cfg, args: argparse.Namespace) -> int:

@@ -18,8 +18,10 @@ from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
 from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir, wandb_options
 from asyncrl.progress import step_progress
+from asyncrl.resume import Resume, purge_store, truncate_run_logs
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
+from asyncrl.stop import StopSignals
 from asyncrl.supervisor import Supervisor
 from asyncrl.types import PROMPT_SCHEMA, Groups, Streams, table_from_rows
 from asyncrl.weight_sync import build_weight_sync
@@ -29,34 +31,60 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 
 
-def train(cfg: Config) -> Path:
-    """Run ``cfg.run.steps`` optimizer steps; returns the run folder."""
+def train(cfg: Config, resume: Resume | None = None, stop: StopSignals | None = None) -> Path:
+    """Run optimizer steps up to ``cfg.run.steps``; returns the run folder. With ``resume``, from the step after
+    its checkpoint, in the checkpoint's run folder (logs cut back to it, the run's store keys purged). A ``stop``
+    request (SIGTERM/SIGINT) writes a checkpoint at the next step boundary and ends the run there."""
     from asyncrl.models import resolve_model_path
 
     model_path = str(resolve_model_path(cfg.model.path))
     prompts = build_prompt_source(cfg.data)  # a bad data file fails here, before anything starts
-    run_dir = prepare_run_dir(Path(cfg.run.dir), overwrite=cfg.run.overwrite)
+    if resume is None:
+        run_dir = prepare_run_dir(Path(cfg.run.dir), overwrite=cfg.run.overwrite)
+    else:
+        run_dir = resume.run_dir
+        truncate_run_logs(run_dir, resume.step, resume.version)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    with store_server(cfg, run_dir) as url, ray_session(cfg), RunWriter(run_dir, wandb_options(cfg)) as writer:
-        _loop(cfg, model_path, prompts, url, writer)
+    purge_step = None if resume is None else resume.step + 1  # TensorBoard: forget the steps logged after it
+    with (
+        store_server(cfg, run_dir) as url,
+        ray_session(cfg),
+        RunWriter(run_dir, wandb_options(cfg), purge_step) as writer,
+    ):
+        if stop is not None:
+            stop.install()  # again: ray.init replaces the driver's SIGTERM handler with its own
+        if resume is not None:
+            purge_store(cfg, url)
+        _loop(cfg, model_path, prompts, url, writer, resume, stop)
     plot_run(run_dir)
     return run_dir
 
 
-def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter) -> None:
+def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter, resume=None, stop=None) -> None:
     pipeline = Pipeline.launch(cfg, model_path, prompts, url, writer.run_dir)
-    scheduler = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step)
-    with step_progress(cfg.run.steps, enabled=cfg.run.progress) as progress:
-        for step in range(cfg.run.steps):
-            with pipeline.supervisor.watch_trainer(step):  # its death ends the run naming the checkpoint
+    if resume is None:
+        scheduler, first = Scheduler(cfg.scheduler, cfg.trainer.prompts_per_step), 0
+    else:
+        scheduler, first = pipeline.restore(resume), resume.step
+    with step_progress(cfg.run.steps, enabled=cfg.run.progress, done=first) as progress:
+        for step in range(first, cfg.run.steps):
+            try:
                 record, ledger = pipeline.step(step, scheduler)
                 record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
-                writer.log_samples(ledger)
-                writer.log_step(record)
-                progress.advance(record)
-                every = cfg.run.checkpoint_every
-                if every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps):
-                    _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
+            except Exception as err:
+                if (lost := pipeline.supervisor.trainer_lost(step, err)) is None:
+                    raise
+                raise lost from err
+            writer.log_samples(ledger)
+            writer.log_step(record)
+            progress.advance(record)
+            every, stopping = cfg.run.checkpoint_every, stop is not None and stop.requested
+            if stopping or (every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps)):
+                scheduler.on_dropped(_read_dropped(pipeline.store))  # drops reported in the step's last poll
+                _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
+            if stopping:
+                log.warning("stopped by %s after step %d", stop.received.name, step + 1)
+                break
     pipeline.stop()
 
 
@@ -118,7 +146,8 @@ class Pipeline:
         check, timeout_s = self.supervisor.check, cfg.run.step_timeout_s + 60
         result = _await_step(step_ref, store, scheduler, self.prompts, self.rollouts, check, timeout_s)
         check()  # before the sync and the bookkeeping below ask the workers anything
-        scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"])
+        trained_prompts = {prompt_index(row["prompt_id"]) for row in result["ledger"]}
+        scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"], trained_prompts)
         sync_seconds = 0.0
         if scheduler.should_sync():
             sync_seconds = self.weight_sync.sync(scheduler.version)
@@ -136,6 +165,23 @@ class Pipeline:
         record["rollout_restarts"] = sum(self.supervisor.restarts)
         record["prompts_reclaimed"] = store.incr("prompts_reclaimed", 0)
         return record, result["ledger"]
+
+    def restore(self, resume: Resume) -> Scheduler:
+        """Resume from a checkpoint before any prompt is issued: the trainer loads its DeepSpeed state and RNG,
+        the engines get its weights (one sync to its version), and the scheduler restarts from its saved state
+        with the prompts outstanding at the checkpoint first in line."""
+        import ray
+
+        ray.get(self.trainer.load_checkpoint.remote(str(resume.checkpoint)), timeout=self.cfg.run.step_timeout_s)
+        scheduler = Scheduler.from_state(
+            self.cfg.scheduler, self.cfg.trainer.prompts_per_step, resume.run_state["scheduler"]
+        )
+        self.weight_sync.sync(scheduler.version)
+        scheduler.on_synced()
+        log.info("resumed from %s at policy version %d; %d prompts to issue again", resume.checkpoint,
+                 scheduler.version, len(scheduler.requeued))  # fmt: skip
+        self.idle_before = _idle_seconds(self.rollouts)
+        return scheduler
 
     def drain(self, timeout_s: float = 120.0) -> None:
         """Stop issuing, let the rollout workers finish what they hold, and have the trainer acknowledge

@@ -45,11 +45,12 @@ class RunWriter:
     """Appends one JSON line per optimizer step and per trained sample; mirrors scalars to TensorBoard, and to
     W&B when ``wandb`` holds ``wandb.init`` arguments (``run.wandb``)."""
 
-    def __init__(self, run_dir: Path, wandb: dict[str, Any] | None = None) -> None:
+    def __init__(self, run_dir: Path, wandb: dict[str, Any] | None = None, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard drops the events logged from it on before."""
         self.run_dir = run_dir
         self.metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.ledger = open(run_dir / "ledger.jsonl", "a", buffering=1)
-        self.tensorboard = _tensorboard(run_dir / "tensorboard")
+        self.tensorboard = _tensorboard(run_dir / "tensorboard", purge_step)
         self.wandb = None if wandb is None else _wandb_run(run_dir, wandb)
 
     def log_step(self, record: dict[str, Any]) -> None:
@@ -80,13 +81,13 @@ class RunWriter:
         self.close()
 
 
-def _tensorboard(folder: Path):
+def _tensorboard(folder: Path, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.info("tensorboard not installed; metrics go to metrics.jsonl only")
         return None
-    return SummaryWriter(str(folder))
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
 
 def wandb_options(cfg: Any) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ class _StepBar:
 
 
 @contextmanager
-def step_progress(total: int, enabled: bool = True) -> Iterator[_StepBar]:
+def step_progress(total: int, enabled: bool = True, done: int = 0) -> Iterator[_StepBar]:
+    """A bar over ``total`` steps of which ``done`` are behind (a resumed run)."""
     if not enabled:
         yield _StepBar(None, None)
         return
@@ -33,4 +34,6 @@ def step_progress(total: int, enabled: bool = True) -> Iterator[_StepBar]:
         TextColumn("{task.fields[info]}"),
     )
     with Progress(*columns) as progress:
-        yield _StepBar(progress, progress.add_task("train", total=total, info="waiting for the first batch"))
+        yield _StepBar(
+            progress, progress.add_task("train", total=total, completed=done, info="waiting for the first batch")
+        )

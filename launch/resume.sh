@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Resume a run from a checkpoint folder (asyncrl ckpt resume).
-#   launch/resume.sh CKPT [key=value ...]
+# Resume a run from a checkpoint folder (asyncrl ckpt resume): the run goes on in CKPT/../.. at the step after it.
+#   launch/resume.sh CKPT [key=value ...]     e.g. launch/resume.sh runs/demo/checkpoints/step-000010 run.steps=40
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: launch/resume.sh CKPT [key=value ...]" >&2; exit 2; }
 [ -d "$1" ] || { echo "resume.sh: checkpoint folder not found: $1" >&2; exit 2; }
-if ! .venv/bin/asyncrl ckpt --help >/dev/null 2>&1; then
-  echo "resume.sh: this asyncrl has no 'ckpt' command yet (checkpoint/resume is not implemented)" >&2
-  exit 2
-fi
-cmd=(.venv/bin/asyncrl ckpt resume "$@")
+ckpt="$(cd "$1" && pwd)"  # before the cd below, so a path relative to the caller's folder works
+shift
+cd "$(dirname "$0")/.."
+cmd=(.venv/bin/asyncrl ckpt resume "$ckpt" "$@")
 echo "[resume] ${cmd[*]}"
 exec "${cmd[@]}"

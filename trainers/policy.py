@@ -296,3 +296,16 @@ class PolicyTrainer:
             folder, tag="engine", client_state={"torch_rng_state": torch.get_rng_state()}, save_latest=False
         )
         self.engine.module.config.save_pretrained(os.path.join(folder, "hf_config"))
+
+    def load_state(self, folder: str, lr: float | None = None) -> None:
+        """Load what ``save_state`` wrote: module, optimizer and LR schedule through DeepSpeed, then the torch RNG;
+        ``lr`` replaces the saved learning rate in every optimizer param group (a resume with a new trainer.lr)."""
+        path, client_state = self.engine.load_checkpoint(
+            folder, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {os.path.join(folder, 'engine')}")
+        torch.set_rng_state(client_state["torch_rng_state"])
+        if lr is not None:
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
