@@ -68,23 +68,19 @@ def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter, re
         scheduler, first = pipeline.restore(resume), resume.step
     with step_progress(cfg.run.steps, enabled=cfg.run.progress, done=first) as progress:
         for step in range(first, cfg.run.steps):
-            try:
+            with pipeline.supervisor.watch_trainer(step):  # its death ends the run naming the checkpoint
                 record, ledger = pipeline.step(step, scheduler)
                 record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
-            except Exception as err:
-                if (lost := pipeline.supervisor.trainer_lost(step, err)) is None:
-                    raise
-                raise lost from err
-            writer.log_samples(ledger)
-            writer.log_step(record)
-            progress.advance(record)
-            every, stopping = cfg.run.checkpoint_every, stop is not None and stop.requested
-            if stopping or (every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps)):
-                scheduler.on_dropped(_read_dropped(pipeline.store))  # drops reported in the step's last poll
-                _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
-            if stopping:
-                log.warning("stopped by %s after step %d", stop.received.name, step + 1)
-                break
+                writer.log_samples(ledger)
+                writer.log_step(record)
+                progress.advance(record)
+                every, stopping = cfg.run.checkpoint_every, stop is not None and stop.requested
+                if stopping or (every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps)):
+                    scheduler.on_dropped(_read_dropped(pipeline.store))  # drops reported in the step's last poll
+                    _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
+                if stopping:
+                    log.warning("stopped by %s after step %d", stop.received.name, step + 1)
+                    break
     pipeline.stop()
 
 
