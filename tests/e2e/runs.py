@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
@@ -15,6 +17,28 @@ def asyncrl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "asyncrl", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+
+
+def start_asyncrl(log: Path, *args: str) -> subprocess.Popen:
+    """``python -m asyncrl ARGS`` in the background (a driver to signal or kill by its pid), stdout and stderr
+    into the file ``log``: a pipe nobody reads could fill up and stall the run."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "asyncrl", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+
+
+def wait_for(what: str, check: Callable[[], object], proc: subprocess.Popen, timeout_s: float = 240) -> object:
+    """Poll ``check`` every 20 ms until it returns something truthy, and return that; fails when ``proc``
+    exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"no {what} within {timeout_s}s")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -4,8 +4,6 @@
   again, and it takes back the prompt entries it held; every prompt is still trained exactly once.
 - The trainer: the run stops, exit 1, with an error naming the trainer and the newest checkpoint,
   which verifies intact.
-- The redis-server (AOF on): the launcher restarts it on the same port and folder, the clients
-  reconnect, and the run reaches its last step with nothing lost.
 
 The pids come from ``run.dir/processes.json``, which the driver writes from the actors' ``memory()``.
 """
