@@ -53,6 +53,19 @@ class DecodeRate:
         return self._recent_tokens / self._recent_seconds if self._recent_seconds > 0 else 0.0
 
 
+def groups_within_budget(
+    budget_s: float, tokens_per_s: float, pending_tokens: int, group_tokens: int, idle: bool
+) -> int:
+    """New prompt groups a worker may take: its running requests' remaining ``pending_tokens`` plus the new
+    groups' (at most ``group_tokens`` each) must drain within ``budget_s`` at its recent decode rate. An idle
+    engine always takes one, so no worker waits while prompts are queued; before the first engine step (no
+    rate yet) a worker takes one group, and only when idle."""
+    if not tokens_per_s:
+        return int(idle)
+    room = budget_s * tokens_per_s - pending_tokens
+    return max(int(idle), math.ceil(room / group_tokens))
+
+
 @dataclass
 class _Group:
     """The G samples of one prompt, filled as the engine finishes them."""
@@ -253,18 +266,14 @@ class RolloutWorker:
         return len(entries)
 
     def _groups_within_budget(self, idle: bool) -> int:
-        """Groups this worker may take now under ``rollout.inflight_budget_s``: its running requests' remaining
-        tokens plus the new groups' (at most ``max_new_tokens`` each) must drain within the budget at its own
-        recent decode rate. An idle engine always takes one, so no worker waits while prompts are queued. No
-        budget: every free slot; no rate measured yet (before the first step): one group, and only when idle."""
+        """Groups this worker may take now under ``rollout.inflight_budget_s`` (see ``groups_within_budget``)."""
         rc = self.cfg.rollout
         if not rc.inflight_budget_s:
             return rc.max_num_seqs
-        rate = self.decode.tokens_per_s
-        if not rate:
-            return 1 if idle else 0
-        room = rc.inflight_budget_s * rate - self.engine.pending_tokens()
-        return max(int(idle), math.ceil(room / (rc.group_size * rc.max_new_tokens)))
+        pending = self.engine.pending_tokens()
+        return groups_within_budget(
+            rc.inflight_budget_s, self.decode.tokens_per_s, pending, rc.group_size * rc.max_new_tokens, idle
+        )
 
     def _add_group(self, entry_id: str, row: dict) -> None:
         rc = self.cfg.rollout
