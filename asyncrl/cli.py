@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     from asyncrl.placement import PlacementError
     from asyncrl.supervisor import WorkerLost
     from storage import StoreError
+    from storage.keeper import StoreLost
 
     if args.command == "store":
         try:
@@ -283,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         # so the store server and Ray are stopped on the way out.
         signals = StopSignals().install()
         run_dir = train(cfg, resume, signals)
+    except (WorkerLost, StoreLost) as err:  # a dead trainer, a rollout worker or store server past its restarts
+        print(f"asyncrl: error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, CheckpointError, ModelError, PlacementError, StoreError) as err:
         print(f"asyncrl: error: {err}", file=sys.stderr)
         return 2
-    except WorkerLost as err:  # a dead trainer, or a rollout worker past run.max_restarts
-        print(f"asyncrl: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("asyncrl: interrupted; workers and the store were stopped", file=sys.stderr)
         return 130

@@ -422,9 +422,15 @@ class StoreConfig:
     unix_socket: bool = False
     """The embedded server also listens on a Unix socket in the run folder, which a one-machine run's workers use."""
     appendonly: bool = False
-    """Turn on AOF persistence for the embedded server (entries survive a server crash)."""
+    """Turn on AOF persistence for the embedded server (entries survive a server crash; a killed one is restarted)."""
+    appendfsync: str = "always"
+    """AOF fsync policy of the embedded server: `always` (no acknowledged write is lost), `everysec`, or `no`."""
+    max_restarts: int = 3
+    """Restarts of an embedded server that died (store.appendonly=true) before the run fails."""
     timeout_s: float = 10.0
     """Timeout of every store connection and call."""
+    reconnect_s: float = 30.0
+    """How long a store call whose connection dropped keeps reconnecting (exponential backoff) before it fails."""
     rows_per_message: int = 0
     """Trajectories per Arrow message a rollout worker puts; 0 puts the groups finishing in an engine step at once."""
     max_inflight_entries: int = 4096
@@ -447,6 +453,10 @@ class StoreConfig:
                 f"store.url must start with redis://, rediss:// or unix://, got {self.url!r}",
             )
         _require(self.timeout_s > 0, f"store.timeout_s must be > 0, got {self.timeout_s}")
+        # A retried put finds the mark of its first attempt for storage.store.PUT_MARK_TTL_S (600 s).
+        _require(0 <= self.reconnect_s <= 300, f"store.reconnect_s must be in [0, 300], got {self.reconnect_s}")
+        _require(self.max_restarts >= 0, f"store.max_restarts must be >= 0, got {self.max_restarts}")
+        _one_of("store.appendfsync", self.appendfsync, ("always", "everysec", "no"))
         _require(self.rows_per_message >= 0, f"store.rows_per_message must be >= 0, got {self.rows_per_message}")
         _require(
             self.max_inflight_entries >= 0, f"store.max_inflight_entries must be >= 0, got {self.max_inflight_entries}"

@@ -33,8 +33,11 @@ WORKER_ENV = {
 
 @contextmanager
 def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
-    """Yield the store URL: the external ``store.url`` (checked reachable) or an embedded server."""
+    """Yield the store URL: the external ``store.url`` (checked reachable) or an embedded server, which a
+    ``ServerKeeper`` restarts if it dies (``store.appendonly``); an error the run ends with while the keeper knows
+    the server is lost for good becomes that ``StoreLost``, which says why."""
     from storage import EmbeddedRedis, connect
+    from storage.keeper import ServerKeeper
 
     sc = cfg.store
     if sc.url:
@@ -47,16 +50,23 @@ def store_server(cfg: Config, run_dir: Path) -> Iterator[str]:
         run_dir / "redis",
         server_bin=sc.server_bin,
         appendonly=sc.appendonly,
+        appendfsync=sc.appendfsync,
         host=sc.bind,
         password=sc.password or None,
         # Every worker of a local run is on this machine; a cluster's other nodes need TCP.
         unix_socket=sc.unix_socket and not _cluster_address(cfg),
     )
     server.start(timeout_s=cfg.store.timeout_s)
+    # A restart must be up (its AOF loaded) while the clients still retry: within store.reconnect_s.
+    keeper = ServerKeeper(server, sc.max_restarts, start_timeout_s=sc.reconnect_s or sc.timeout_s).start()
     try:
         yield server.unix_url if server.socket_path else server.url
+    except BaseException as err:
+        if keeper.failure is not None:
+            raise keeper.failure from err
+        raise
     finally:
-        server.stop()
+        keeper.stop()
 
 
 def worker_process_env(threads: int) -> None:

@@ -76,6 +76,8 @@ class EmbeddedRedis:
     listens on a Unix socket (mode 0700) in ``dir``: processes on this machine reach it through
     ``.unix_url`` without the TCP stack.
     ``extra_args`` go to the server's command line as they are (e.g. ``--tls-port`` and its files).
+    ``appendfsync`` is the AOF's fsync policy: ``always`` loses no acknowledged write even to a machine crash.
+    ``restart()`` brings back a server that exited, on the same port, password, socket and data.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class EmbeddedRedis:
         *,
         server_bin: str = "redis-server",
         appendonly: bool = False,
+        appendfsync: str = "everysec",
         host: str = "127.0.0.1",
         port: int = 0,
         password: str | None = None,
@@ -95,6 +98,7 @@ class EmbeddedRedis:
         self.dir = Path(dir).resolve()
         self.server_bin = server_bin
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.host = host
         self.port = port
         self.password = secrets.token_hex(16) if password is None else password
@@ -125,6 +129,26 @@ class EmbeddedRedis:
     def pid(self) -> int | None:
         """The server's pid while started, else None."""
         return self._proc.pid if self._proc is not None else None
+
+    def exit_code(self) -> int | None:
+        """The server's exit status once it has exited (``-N``: killed by signal N); None while it runs or if not
+        started."""
+        return None if self._proc is None else self._proc.poll()
+
+    def restart(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        """Start a server that exited again on the same dir, port, password and Unix socket, so clients reconnect
+        to the same address and an ``appendonly`` server reloads its AOF; waits until it answers PING (it answers
+        LOADING until the AOF is read). Raises ``StoreError`` if it was never started, still runs, or cannot start.
+        Its death signal (``PR_SET_PDEATHSIG``) follows the thread that calls this, as for ``start``."""
+        if self._proc is None or self._proc.poll() is None:
+            raise StoreError("only a started embedded redis-server that has exited can be restarted")
+        self._proc = None
+        atexit.unregister(self.stop)
+        try:
+            self._launch(find_server_bin(self.server_bin), timeout_s)
+        except _PortTaken as taken:
+            raise StoreError(f"redis-server could not bind {self.host}:{self.port} again:\n{taken}") from None
+        return self
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING; raises ``StoreError`` with the log tail if not."""
@@ -168,6 +192,7 @@ class EmbeddedRedis:
             "--port", str(self.port),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--dir", str(self.dir),
             "--daemonize", "no",
             "--logfile", str(self.logfile),

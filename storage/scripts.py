@@ -58,13 +58,21 @@ local function has_column(order, name)
 end
 """
 
-# KEYS: stream, payload, inflight, segment (SET just before). ARGV: max_entries, max_bytes, bytes,
-# rows, meta, then the payload hash's field/value pairs. Appends the entry unless the stream is
-# at its bound (0 = no bound); a lone entry always fits, so one batch larger than the byte bound
-# cannot wedge the stream. Returns the entry id, or nil when refused (the segment is deleted).
+# KEYS: stream, payload, inflight, segment (SET just before), put mark. ARGV: max_entries, max_bytes,
+# bytes, rows, meta, the put mark's TTL in seconds, then the payload hash's field/value pairs.
+# Appends the entry unless the stream is at its bound (0 = no bound); a lone entry always fits, so one
+# batch larger than the byte bound cannot wedge the stream. Returns the entry id, or nil when refused
+# (the segment is deleted). Idempotent: the put mark (SET NX) holds the id of the entry appended for
+# this payload, and a repeat (a client retrying after a lost reply) returns that id and appends nothing;
+# its segment, SET again just before, is deleted if the entry was consumed meanwhile.
 PUT = (
     _PRELUDE
     + """
+local done = redis.call('GET', KEYS[5])
+if done then
+  if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('DEL', KEYS[4]) end
+  return done
+end
 local entries = tonumber(redis.call('HGET', KEYS[3], 'entries') or '0')
 local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
 local max_entries, max_bytes, size = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -72,9 +80,11 @@ if entries > 0 and ((max_entries > 0 and entries >= max_entries) or (max_bytes >
   redis.call('DEL', KEYS[4])
   return false
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
 admit(KEYS[2], KEYS[1], KEYS[3], size)
-return redis.call('XADD', KEYS[1], '*', 'payload', KEYS[2], 'rows', ARGV[4], 'bytes', ARGV[3], 'meta', ARGV[5])
+local id = redis.call('XADD', KEYS[1], '*', 'payload', KEYS[2], 'rows', ARGV[4], 'bytes', ARGV[3], 'meta', ARGV[5])
+redis.call('SET', KEYS[5], id, 'NX', 'EX', tonumber(ARGV[6]))
+return id
 """
 )
 

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "asyncrl"
 DEAD_SUFFIX = ":dead"
 INFLIGHT_SUFFIX = ":inflight"
+PUT_MARK_TTL_S = 600
+"""Life of a put's mark (``put:<id>``, the entry id it appended, so that a retried put appends no second
+entry); a retry comes within the client's reconnect budget (store.reconnect_s, at most half of this)."""
 RETENTION_MODES = ("ack", "checkpoint")
 
 # A blocking XREADGROUP is answered by the server only when the block ends, so the block must
@@ -167,6 +170,7 @@ class TrajectoryStore:
         client = connect(
             url,
             settings.timeout_s,
+            settings.reconnect_s,
             ssl_ca_certs=settings.tls_ca_certs,
             ssl_certfile=settings.tls_certfile,
             ssl_keyfile=settings.tls_keyfile,
@@ -204,8 +208,10 @@ class TrajectoryStore:
         data = encode_segment(table)
         meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
         stream_key = self.key(stream)
+        # One id per put, whatever is retried: the script appends at most one entry for it.
+        put_id = uuid.uuid4().hex
         started, pause = None, 0.001
-        while (entry_id := self._try_put(stream_key, table, data, meta_bytes)) is None:
+        while (entry_id := self._try_put(stream_key, put_id, table, data, meta_bytes)) is None:
             # Full: wait with cheap polls of the counters, not by resending the bytes.
             started = started if started is not None else time.monotonic()
             while not self._has_room(stream, data.nbytes):
@@ -220,24 +226,25 @@ class TrajectoryStore:
             self.put_wait_s += time.monotonic() - started
         return _text(entry_id)
 
-    def _try_put(self, stream_key: str, table: pa.Table, data: Segment, meta: bytes) -> str | None:
-        payload_key = self.key(f"payload:{uuid.uuid4().hex}")
+    def _try_put(self, stream_key: str, put_id: str, table: pa.Table, data: Segment, meta: bytes) -> str | None:
+        payload_key = self.key(f"payload:{put_id}")
         segment = segment_key(payload_key, "0")
         field, names = segment_field(table, segment)
         limits = self.limits
         # Not a MULTI: the segment is written first and only an entry that the script appends
         # points at it, so no reader can see a half-written batch; a refused put deletes it.
+        # A put retried after a lost reply (the client reconnects) finds its own entry and returns it.
         try:
             entry_id = set_then(
                 self.client, segment, data,
-                "EVALSHA", self._put.sha, 4, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
-                limits.max_entries, limits.max_bytes, data.nbytes, table.num_rows, meta, ORDER_FIELD, names, field,
-                names,
+                "EVALSHA", self._put.sha, 5, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
+                self.key(f"put:{put_id}"), limits.max_entries, limits.max_bytes, data.nbytes, table.num_rows, meta,
+                PUT_MARK_TTL_S, ORDER_FIELD, names, field, names,
             )  # fmt: skip
         except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
-            self.client.delete(segment)
+            # The segment stays: an attempt before the restart may have appended the entry that uses it.
             self._load_scripts()
-            return self._try_put(stream_key, table, data, meta)
+            return self._try_put(stream_key, put_id, table, data, meta)
         return None if entry_id is None else _text(entry_id)
 
     def _load_scripts(self) -> None:

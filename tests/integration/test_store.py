@@ -214,10 +214,11 @@ def test_purge_removes_only_its_own_run(store: TrajectoryStore) -> None:
             each.set_value("policy_version", 1)
         assert all(key.startswith(f"asyncrl:{{{store.run_id}}}:") for key in store.run_keys())
 
-        assert store.purge() == 5  # stream, its in-flight counters, payload and its segment, control key
+        # stream, its in-flight counters, payload and its segment, the put's mark, control key
+        assert store.purge() == 6
 
         assert store.run_keys() == []
-        assert len(other.run_keys()) == 5
+        assert len(other.run_keys()) == 6
         assert len(other.read("trajectories", "trainer", "t0")) == 1
     finally:
         other.purge()
