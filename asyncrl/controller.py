@@ -160,6 +160,9 @@ class Pipeline:
         record.update(_store_upkeep(store))
         record["rollout_restarts"] = sum(self.supervisor.restarts)
         record["prompts_reclaimed"] = store.incr("prompts_reclaimed", 0)
+        if self.redis_pid is not None:  # embedded: a killed server is restarted in a new process (storage/keeper.py)
+            self.redis_pid = int(store.client.info("server")["process_id"])
+            record["store_restarts"] = self.supervisor.follow_store(self.redis_pid)
         return record, result["ledger"]
 
     def restore(self, resume: Resume) -> Scheduler:

@@ -45,6 +45,8 @@ class Supervisor:
         self.run_dir = run_dir
         self.restarts = [0] * len(rollouts)
         """Restarts of each rollout worker so far."""
+        self.store_restarts = 0
+        """Restarts of the embedded store server seen so far (``follow_store``)."""
         reports = ray.get([trainer.memory.remote(), *[w.memory.remote() for w in rollouts]], timeout=30)
         names = ["trainer-0", *[f"rollout-{i}" for i in range(len(rollouts))]]
         self.pids = {"driver": os.getpid(), **{name: int(r["pid"]) for name, r in zip(names, reports, strict=True)}}
@@ -137,6 +139,16 @@ class Supervisor:
         log.warning("rollout worker %s took back %d prompt entries its dead process held", name, reclaimed)
         self.pids[name] = pid
         self._write_processes()
+
+    def follow_store(self, pid: int) -> int:
+        """The embedded store server now runs in ``pid``: its keeper (storage/keeper.py) restarts a killed one in a
+        new process, which processes.json then names; returns the store restarts seen so far (one per pid change,
+        so two restarts between two calls count once; the keeper's log has each)."""
+        if pid != self.pids.get("redis", pid):
+            self.store_restarts += 1
+            self.pids["redis"] = pid
+            self._write_processes()
+        return self.store_restarts
 
     def _write_processes(self) -> None:
         if self.run_dir is None:
