@@ -215,6 +215,29 @@ class RewardConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class StagesConfig:
+    """Pipeline stages between the rollout workers and the trainer, each a consumer of the store (asyncrl/stages)."""
+
+    reward: bool = False
+    """Score rewards on a reward stage worker of its own, reading the rollout workers' groups from the store,
+    instead of inside each rollout worker (which then only generates)."""
+    reference: bool = False
+    """Add `ref_logprobs` from a frozen copy of the initial model (model.path) on a reference stage worker; the
+    trainer's KL term (trainer.kl_coef > 0) uses them. Runs beside the reward stage, not after it."""
+    device: str = "cpu"
+    """Torch device of the reference stage's model (a CUDA device takes one GPU)."""
+    batch_size: int = 8
+    """Sequences per forward pass of the reference stage."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"stages.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.reward or self.reference
+
+
+@dataclass(kw_only=True, slots=True)
 class RolloutConfig:
     num_workers: int = 1
     """Rollout workers, one vLLM engine each; with resources.pools it is set to the rollout pools' total count."""
@@ -687,6 +710,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -709,6 +733,11 @@ class Config:
             delays <= self.rollout.num_workers,
             f"rollout.debug_token_delay_s has {delays} entries for {self.rollout.num_workers} rollout workers "
             "(one per worker at most)",
+        )
+        _require(
+            not (self.stages.reward and self.rollout.env),
+            f"stages.reward=true cannot score rollout.env={self.rollout.env!r} episodes: their environment scores them "
+            "in the rollout worker; set stages.reward=false",
         )
         batch = self.trainer.prompts_per_step * self.rollout.group_size
         _require(

@@ -21,6 +21,7 @@ from asyncrl.progress import step_progress
 from asyncrl.resume import Resume, purge_store, truncate_run_logs
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
+from asyncrl.stages import StageSet
 from asyncrl.stop import StopSignals
 from asyncrl.supervisor import Supervisor
 from asyncrl.types import PROMPT_SCHEMA, Groups, Streams, table_from_rows
@@ -116,6 +117,7 @@ class Pipeline:
     redis_pid: int | None
     idle_before: dict[str, float] = field(default_factory=dict)
     supervisor: Supervisor | None = None
+    stages: StageSet | None = None
 
     @classmethod
     def launch(cls, cfg: Config, model_path: str, prompts, url: str, run_dir: Path | None = None) -> Pipeline:
@@ -127,11 +129,18 @@ class Pipeline:
         store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
         trainer, rollouts = _launch_workers(cfg, model_path, url)
         redis_pid = None if cfg.store.url else int(store.client.info("server")["process_id"])  # embedded: ours
+        stages = StageSet.launch(cfg, model_path, url)  # stages.*: reward / reference as store consumers
         ray.get([w.start.remote() for w in rollouts], timeout=60)
         weight_sync = build_weight_sync(cfg, trainer, rollouts, url)
         supervisor = Supervisor(cfg, trainer, rollouts, weight_sync, run_dir, redis_pid)
         idle = _idle_seconds(rollouts)
-        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, idle, supervisor)
+        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, idle, supervisor, stages)
+
+    def _check(self) -> None:
+        """The supervisor's check of the trainer and rollout workers, then the stages' (a failed one ends the run)."""
+        self.supervisor.check()
+        if self.stages is not None:
+            self.stages.check()
 
     def step(self, step: int, scheduler: Scheduler) -> tuple[dict, list[dict]]:
         """One optimizer step under ``scheduler``, then the weight sync it asks for; (metrics record, ledger)."""
@@ -139,7 +148,7 @@ class Pipeline:
         tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
         counts_before = (scheduler.issued, scheduler.blocked, scheduler.dropped)
         step_ref = self.trainer.train_step.remote(scheduler.version, scheduler.cfg.max_staleness)
-        check, timeout_s = self.supervisor.check, cfg.run.step_timeout_s + 60
+        check, timeout_s = self._check, cfg.run.step_timeout_s + 60
         result = _await_step(step_ref, store, scheduler, self.prompts, self.rollouts, check, timeout_s)
         check()  # before the sync and the bookkeeping below ask the workers anything
         trained_prompts = {prompt_index(row["prompt_id"]) for row in result["ledger"]}
@@ -163,6 +172,8 @@ class Pipeline:
         if self.redis_pid is not None:  # embedded: a killed server is restarted in a new process (storage/keeper.py)
             self.redis_pid = int(store.client.info("server")["process_id"])
             record["store_restarts"] = self.supervisor.follow_store(self.redis_pid)
+        if self.stages is not None:
+            record.update(self.stages.record())
         return record, result["ledger"]
 
     def restore(self, resume: Resume) -> Scheduler:
@@ -188,7 +199,11 @@ class Pipeline:
         import ray
 
         deadline = time.monotonic() + timeout_s
-        while self.store.inflight(Streams.PROMPTS)[0] or not all(_loads(self.rollouts, "inflight", 0)):
+        while (
+            self.store.inflight(Streams.PROMPTS)[0]
+            or self.store.inflight(Streams.GENERATED)[0]  # stages.*: groups between the rollouts and the trainer
+            or not all(_loads(self.rollouts, "inflight", 0))
+        ):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rollout workers did not finish their prompts within {timeout_s:.0f}s")
             time.sleep(POLL_S)
@@ -199,6 +214,8 @@ class Pipeline:
         import ray
 
         ray.get([w.stop.remote() for w in self.rollouts], timeout=60)
+        if self.stages is not None:
+            self.stages.stop()
         self.store.release_retired()  # retention=checkpoint: the end of the run is the last checkpoint boundary
 
 
@@ -383,7 +400,7 @@ def _step_record(step, scheduler: Scheduler, result: dict, sync_seconds, step_se
         "step_seconds": step_seconds,
         **{
             k: result[k]
-            for k in ("loss", "clip_fraction", "approx_kl", "ratio_mean", "entropy", "grad_norm", "lr")
+            for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "ratio_mean", "entropy", "grad_norm", "lr")
             if k in result
         },
     }

@@ -26,10 +26,11 @@ RESUMABLE = (
     "run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.step_timeout_s", "run.progress", "run.wandb",
     "run.wandb_project", "run.num_cpus", "run.object_store_mb", "run.ray_address", "trainer.lr", "trainer.threads",
     "rollout.threads", "rollout.num_workers", "rollout.max_num_seqs", "rollout.kv_cache_mb", "scheduler.", "store.",
-    "sync.", "simulate.",
+    "sync.", "simulate.", "stages.",
 )  # fmt: skip
 """Config keys (or key prefixes, ending in a dot) a resume may change: length, logging, resources, the
-learning rate, the staleness schedule, the store and the weight sync. Everything else is frozen."""
+learning rate, the staleness schedule, the store, the weight sync and the pipeline stages (the store is emptied
+on resume, so no entry is caught between two layouts). Everything else is frozen."""
 
 FROZEN_BECAUSE = {
     "model.": "the checkpoint holds this model's weights and optimizer state",

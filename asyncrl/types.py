@@ -44,6 +44,18 @@ TRAJECTORY_SCHEMA = pa.schema(
 )
 
 
+REWARD_COLUMNS = ("reward", "reward_failed", "reward_error", "reward_components")
+"""The columns a reward writes; with ``stages.reward`` the reward stage adds them to the rollout workers' rows."""
+
+SCORING_INPUTS = pa.schema([pa.field("prompt_text", pa.string()), pa.field("answer", pa.string())])
+"""Columns a rollout worker adds to its rows for the reward stage (``stages.reward``): what a reward is called with."""
+
+GENERATED_SCHEMA = pa.schema(
+    [field for field in TRAJECTORY_SCHEMA if field.name not in REWARD_COLUMNS] + list(SCORING_INPUTS)
+)
+"""A rollout worker's rows with ``stages.reward``: trajectories before scoring, with what scoring needs."""
+
+
 def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """Build a table of ``schema`` from row dicts (columns missing from a row are an error)."""
     return pa.Table.from_pylist(rows, schema=schema)
@@ -53,7 +65,10 @@ class Streams:
     """Store streams of a run and the consumer group that reads each (DESIGN §4)."""
 
     PROMPTS = "prompts"  # controller -> rollout workers (PROMPT_SCHEMA), group "rollout"
-    TRAJECTORIES = "trajectories"  # rollout workers -> trainer (TRAJECTORY_SCHEMA), group "trainer"
+    # rollout workers -> the pipeline stages (stages.*: groups "reward" and "reference", which add their columns
+    # and hand each entry on to TRAJECTORIES once all of them are there); unused without stages
+    GENERATED = "generated"
+    TRAJECTORIES = "trajectories"  # rollout workers or the stages -> trainer (TRAJECTORY_SCHEMA), group "trainer"
     DROPPED = "dropped"  # trainer -> controller: prompt ids of groups dropped as stale, group "controller"
 
 
@@ -61,3 +76,5 @@ class Groups:
     ROLLOUT = "rollout"
     TRAINER = "trainer"
     CONTROLLER = "controller"
+    REWARD = "reward"
+    REFERENCE = "reference"

@@ -21,7 +21,7 @@ from asyncrl.config import Config
 from asyncrl.data import encode_prompt
 from asyncrl.lengths import length_budget
 from asyncrl.rewards import build_scorer
-from asyncrl.types import TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
+from asyncrl.types import GENERATED_SCHEMA, TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
 from rollout.multiturn import build_driver
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class RolloutWorker:
         self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.PROMPTS, Groups.ROLLOUT)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.reward = build_scorer(cfg.reward)
+        self.reward = None if cfg.stages.reward else build_scorer(cfg.reward)  # stages.reward: the stage scores
+        self.output = Streams.GENERATED if cfg.stages.enabled else Streams.TRAJECTORIES
         self.engine = GenerationEngine(
             model_path,
             dtype=cfg.model.dtype,
@@ -305,40 +306,43 @@ class RolloutWorker:
             self._push(group_id, group)
 
     def _push(self, group_id: str, group: _Group) -> None:
-        """Score a finished group and queue it for the store (``_flush`` puts the queue as one message)."""
-        if self.turns is not None:  # an episode's reward is its environment's
-            scores = [seq.scored for seq in group.done]
+        """Score a finished group and queue it for the store (``_flush`` puts the queue as one message); with
+        ``stages.reward`` the group goes unscored, with the prompt text and answer the reward stage needs."""
+        rows = [
+            {
+                "sample_id": seq.request_id,
+                "prompt_id": group.prompt_id,
+                "group_id": group_id,
+                "prompt_ids": seq.prompt_ids,
+                "response_ids": seq.response_ids,
+                "behavior_logprobs": seq.logprobs,
+                "token_versions": seq.token_versions,
+                "version_start": min(seq.token_versions, default=self.engine.version),
+                "version_end": max(seq.token_versions, default=self.engine.version),
+                "finish_reason": seq.finish_reason,
+                "worker_id": self.worker_id,
+                "gen_seconds": seq.gen_seconds,
+                "loss_mask": getattr(seq, "loss_mask", None),  # multi-turn: observation tokens are 0
+            }
+            for seq in group.done
+        ]
+        if self.cfg.stages.reward:
+            for row in rows:
+                row.update(prompt_text=group.prompt_text, answer=group.answer)
+            self.outbox.append((table_from_rows(rows, GENERATED_SCHEMA), group.entry_id))
         else:
-            texts = [self.tokenizer.decode(seq.response_ids, skip_special_tokens=True) for seq in group.done]
-            scores = self.reward.score_batch(
-                [group.prompt_text] * len(texts), texts, [{"answer": group.answer}] * len(texts)
-            )
-        rows = []
-        for seq, scored in zip(group.done, scores, strict=True):
-            rows.append(
-                {
-                    "sample_id": seq.request_id,
-                    "prompt_id": group.prompt_id,
-                    "group_id": group_id,
-                    "prompt_ids": seq.prompt_ids,
-                    "response_ids": seq.response_ids,
-                    "behavior_logprobs": seq.logprobs,
-                    "token_versions": seq.token_versions,
-                    "version_start": min(seq.token_versions, default=self.engine.version),
-                    "version_end": max(seq.token_versions, default=self.engine.version),
-                    "reward": scored.reward,
-                    "reward_failed": scored.failed,
-                    "reward_error": scored.error,
-                    "reward_components": scored.components,
-                    "finish_reason": seq.finish_reason,
-                    "worker_id": self.worker_id,
-                    "gen_seconds": seq.gen_seconds,
-                    "loss_mask": getattr(seq, "loss_mask", None),  # multi-turn: observation tokens are 0
-                }
-            )
-        self.outbox.append((table_from_rows(rows, TRAJECTORY_SCHEMA), group.entry_id))
+            for row, scored in zip(rows, self._score(group), strict=True):
+                row.update(reward=scored.reward, reward_failed=scored.failed, reward_error=scored.error)
+                row["reward_components"] = scored.components
+            self.outbox.append((table_from_rows(rows, TRAJECTORY_SCHEMA), group.entry_id))
         if self.cfg.store.rows_per_message and self._outbox_full():
             self._flush()
+
+    def _score(self, group: _Group) -> list:
+        if self.turns is not None:  # an episode's reward is its environment's
+            return [seq.scored for seq in group.done]
+        texts = [self.tokenizer.decode(seq.response_ids, skip_special_tokens=True) for seq in group.done]
+        return self.reward.score_batch([group.prompt_text] * len(texts), texts, [{"answer": group.answer}] * len(texts))
 
     def _outbox_full(self) -> bool:
         # With rows_per_message 0 the loop flushes after every engine step: the groups that finished
@@ -351,7 +355,7 @@ class RolloutWorker:
         table = pa.concat_tables([group for group, _ in self.outbox])
         tokens = pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0
         waited = self.store.put_wait_s
-        self.store.put(Streams.TRAJECTORIES, table, {"rows": table.num_rows, "tokens": tokens})
+        self.store.put(self.output, table, {"rows": table.num_rows, "tokens": tokens})
         self.store.incr("rollout_tokens", tokens)
         if self.store.put_wait_s > waited:  # the trajectories stream was full: back-pressure, as a metric
             self.store.incr("put_wait_ms", round(1000 * (self.store.put_wait_s - waited)))

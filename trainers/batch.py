@@ -44,8 +44,8 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     - ``advantages`` ``[B]`` float32: the table's ``advantages`` column when it has one (see
       ``with_advantages``), else GRPO advantages over these rows' ``group_id`` and ``reward``;
     - ``ref_logprobs`` ``[B, L]`` float32, aligned as ``behavior_logprobs``, only when the table
-      has that column (the loss then adds the KL to the reference). No stage writes it yet:
-      the pipeline has no reference model.
+      has that column (the loss then adds the KL to the reference); the reference stage writes it
+      (``stages.reference``).
 
     Without an ``advantages`` column a group's statistics come from the rows of this table only,
     so the rows of a group must arrive together; a trainer that splits groups across

@@ -269,7 +269,7 @@ class PolicyTrainer:
         # A KL weight that silently does nothing would read as a tuned-but-ineffective setting.
         if self.loss_config.kl_coef > 0 and "ref_logprobs" not in batch and not self._warned_no_reference:
             log.warning(
-                "kl_coef=%s but the batch has no ref_logprobs (no reference model stage): KL term skipped",
+                "kl_coef=%s but the batch has no ref_logprobs (set stages.reference=true): KL term skipped",
                 self.loss_config.kl_coef,
             )
             self._warned_no_reference = True

@@ -138,9 +138,8 @@ def reduce_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Add ``kl_coef`` times the KL to the reference, then aggregate over the response tokens.
 
-    The KL term needs ``inputs.ref_logprobs``. No stage computes reference log-probs yet (there
-    is no reference model in the pipeline), so the term is added only for a batch that carries
-    them; ``kl_ref`` is reported then.
+    The KL term needs ``inputs.ref_logprobs``, which the reference stage adds (``stages.reference``);
+    the term is added only for a batch that carries them, and ``kl_ref`` is reported then.
     """
     mask = inputs.token_mask()
     if cfg.kl_coef > 0 and inputs.ref_logprobs is not None:

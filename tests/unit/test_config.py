@@ -54,6 +54,17 @@ def test_bad_values_name_the_key(override, fragment):
         load_config(CONFIGS / "tiny.yaml", [override])
 
 
+def test_a_reward_stage_refuses_episodes_their_environment_scores():
+    with pytest.raises(ConfigError, match=r"stages\.reward=true cannot score rollout\.env='calculator' episodes"):
+        load_config(CONFIGS / "tiny.yaml", ["stages.reward=true", "rollout.env=calculator"])
+    assert load_config(CONFIGS / "tiny.yaml", ["stages.reference=true", "rollout.env=calculator"]).stages.reference
+
+
+def test_stage_batch_size_names_the_key():
+    with pytest.raises(ConfigError, match=r"stages\.batch_size must be >= 1, got 0"):
+        load_config(CONFIGS / "tiny.yaml", ["stages.batch_size=0"])
+
+
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["run.steps"])

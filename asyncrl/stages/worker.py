@@ -1,0 +1,156 @@
+"""``StageWorker``: the Ray actor that runs one pipeline stage as a consumer of the store, and ``StageSet``, the
+driver's handle on the run's stages."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from asyncrl.config import Config, StagesConfig
+from asyncrl.types import Streams
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 500  # one bounded wait for new entries; the loop checks for stop between two
+CHECK_EVERY_S = 1.0  # the driver asks the stages for their health at most this often
+
+
+def stage_names(cfg: StagesConfig) -> list[str]:
+    """The stages a run has, by consumer group name: ``reward`` and/or ``reference``."""
+    return [name for name, on in (("reward", cfg.reward), ("reference", cfg.reference)) if on]
+
+
+def _stage_class(name: str) -> type:
+    from asyncrl.stages.reference import ReferenceStage
+    from asyncrl.stages.reward import RewardStage
+
+    return {"reward": RewardStage, "reference": ReferenceStage}[name]
+
+
+class StageWorker:
+    """Runs stage ``name`` on every entry of the ``generated`` stream, as consumer ``NAME-0`` of group ``name``.
+
+    Per entry: read only the stage's columns, compute its columns, and ``advance`` the entry with them; the
+    last stage to add its columns hands the entry on to ``trajectories``. The loop starts with the actor, so a
+    process Ray restarts goes on by itself, and first takes back the entries its previous process read and
+    never advanced (``advance`` is atomic: an entry is handed on once, whatever was retried).
+    """
+
+    def __init__(self, cfg: Config, model_path: str, store_url: str, name: str) -> None:
+        from storage import TrajectoryStore
+
+        self.name, self.consumer = name, f"{name}-0"
+        self.stage = _stage_class(name)(cfg, model_path)
+        self.ready_when = [column for stage in stage_names(cfg.stages) for column in _stage_class(stage).adds]
+        self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
+        self.store.ensure_group(Streams.GENERATED, name)
+        self.entries = self.rows = 0
+        self.busy_seconds = 0.0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"stage-{name}", daemon=True)
+        self._thread.start()
+
+    def ready(self) -> str:
+        return self.name
+
+    def health(self) -> str | None:
+        """None while the loop is alive, else the error that ended it."""
+        return None if self.error is None else repr(self.error)
+
+    def stats(self) -> dict[str, float]:
+        return {"entries": self.entries, "rows": self.rows, "busy_seconds": self.busy_seconds}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            backlog = self.store.claim_stale(
+                Streams.GENERATED, self.name, self.consumer, 0, count=1000, columns=self.stage.columns,
+                owner=self.consumer,
+            )  # fmt: skip
+            if backlog:
+                log.warning("%s stage took back %d entries its previous process held", self.name, len(backlog))
+            self._handle(backlog)
+            while not self._stop.is_set():
+                self._handle(self._read())
+        except BaseException as exc:  # reported through health(): the driver ends the run with it
+            log.exception("%s stage failed", self.name)
+            self.error = exc
+
+    def _read(self) -> list:
+        return self.store.read(
+            Streams.GENERATED, self.name, self.consumer, count=4, block_ms=READ_BLOCK_MS, columns=self.stage.columns
+        )
+
+    def _handle(self, entries: list) -> None:
+        for entry in entries:
+            tic = time.monotonic()
+            columns = self.stage(entry.table)
+            self.store.advance(
+                Streams.GENERATED, self.name, entry.id, Streams.TRAJECTORIES, columns, ready_when=self.ready_when
+            )
+            self.busy_seconds += time.monotonic() - tic
+            self.entries += 1
+            self.rows += entry.table.num_rows
+
+
+class StageSet:
+    """The driver's handle on the run's stage workers: start, health checks (throttled), metrics, stop."""
+
+    def __init__(self, cfg: Config, handles: dict[str, Any]) -> None:
+        self.cfg, self.handles = cfg, handles
+        self._checked = 0.0
+
+    @classmethod
+    def launch(cls, cfg: Config, model_path: str, store_url: str) -> StageSet:
+        """One ``StageWorker`` per stage of ``cfg.stages`` (none: an empty set). They take no CPU slot of the
+        placement; the reference stage takes a GPU when ``stages.device`` is a CUDA device. Ray restarts one
+        whose process died (``run.max_restarts``)."""
+        import ray
+
+        handles = {}
+        for name in stage_names(cfg.stages):
+            gpus = 1 if name == "reference" and cfg.stages.device.startswith("cuda") else 0
+            handles[name] = (
+                ray.remote(StageWorker)
+                .options(name=f"stage-{name}", num_cpus=0, num_gpus=gpus, max_concurrency=2,
+                         max_restarts=cfg.run.max_restarts)
+                .remote(cfg, model_path, store_url, name)
+            )  # fmt: skip
+        ray.get([handle.ready.remote() for handle in handles.values()], timeout=cfg.run.step_timeout_s)
+        return cls(cfg, handles)
+
+    def check(self, force: bool = False) -> None:
+        """Raise with the stage's error when one failed (a dead process is Ray's to restart)."""
+        import ray
+
+        if not self.handles or (not force and time.monotonic() - self._checked < CHECK_EVERY_S):
+            return
+        self._checked = time.monotonic()
+        names = list(self.handles)
+        errors = ray.get([self.handles[name].health.remote() for name in names], timeout=60)
+        for name, error in zip(names, errors, strict=True):
+            if error is not None:
+                raise RuntimeError(f"the {name} stage failed: {error}")
+
+    def record(self) -> dict[str, float]:
+        """Per stage: busy seconds since start (``NAME_stage_busy_s``) and rows handed on (``NAME_stage_rows``)."""
+        import ray
+
+        names = list(self.handles)
+        stats = ray.get([self.handles[name].stats.remote() for name in names], timeout=60)
+        out = {}
+        for name, stat in zip(names, stats, strict=True):
+            out[f"{name}_stage_busy_s"] = round(stat["busy_seconds"], 3)
+            out[f"{name}_stage_rows"] = stat["rows"]
+        return out
+
+    def stop(self) -> None:
+        import ray
+
+        ray.get([handle.stop.remote() for handle in self.handles.values()], timeout=60)
