@@ -84,7 +84,10 @@ class EngineProcess:
         return value
 
     def close(self, timeout_s: float = 30.0) -> None:
-        if self.process.is_alive():
+        # A command started with ``send_only`` whose reply nobody collected (its caller failed) holds the lock:
+        # the child may still be in that command, so it is killed rather than asked to stop.
+        if self.process.is_alive() and self._lock.acquire(timeout=1.0):
+            self._lock.release()
             try:
                 self.call("stop", timeout_s=timeout_s)
             except EngineProcessError:
