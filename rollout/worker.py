@@ -26,7 +26,9 @@ from rollout.multiturn import build_driver
 
 log = logging.getLogger(__name__)
 
-BUSY_POLL_S = 0.05  # a store round trip per engine step costs a few percent on a small model
+# While decoding with nothing new in sight, look for prompts at most this often: a store round trip per engine
+# step costs a few percent on a small model. A freed group slot or a read that found prompts polls at once.
+BUSY_POLL_S = 0.05
 RATE_HORIZON_S = 2.0  # the decode rate is a mean over about this many recent busy seconds
 
 
@@ -105,6 +107,7 @@ class RolloutWorker:
         self.outbox: list[tuple[pa.Table, str]] = []  # scored groups not yet put, with their prompt entry id
         self.entry_put: dict[str, list[str]] = {}  # prompt entry id -> prompt ids of its groups already put
         self._next_poll = 0.0
+        self._poll_now = True  # a group slot was freed, or the last read found prompts (more are likely queued)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.idle_seconds = 0.0  # loop time with no request in the engine (waiting for prompts), since start
@@ -229,14 +232,17 @@ class RolloutWorker:
             return
         idle = self.engine.num_unfinished() == 0
         now = time.monotonic()
-        if not idle and now < self._next_poll:
-            return  # while decoding, look for new prompts at most every BUSY_POLL_S, not every engine step
-        self._next_poll = now + BUSY_POLL_S
+        if not idle and not self._poll_now and now < self._next_poll:
+            return  # nothing new since the last empty read: poll at most every BUSY_POLL_S, not every engine step
+        self._next_poll, self._poll_now = now + BUSY_POLL_S, False
         count = min(free_groups, self._groups_within_budget(idle))
         if count <= 0:
             return
         block_ms = 200 if idle else 0
         entries = self.store.read(Streams.PROMPTS, Groups.ROLLOUT, self.worker_id, count=count, block_ms=block_ms)
+        # The controller pushes prompts one entry at a time: a read that woke on the first of a burst would
+        # otherwise leave the engine a single group until the next timed poll, a whole wave on a small model.
+        self._poll_now = len(entries) > 0
         for entry in entries:
             rows = entry.table.to_pylist()
             self.entry_groups[entry.id] = len(rows)
@@ -303,6 +309,7 @@ class RolloutWorker:
         group.done.append(seq)
         if len(group.done) == group.size:
             del self.groups[group_id]
+            self._poll_now = True
             self._push(group_id, group)
 
     def _push(self, group_id: str, group: _Group) -> None:
