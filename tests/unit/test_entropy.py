@@ -31,3 +31,17 @@ def test_temperature_scales_the_logits_first() -> None:
 
 def test_no_trained_token_gives_zero() -> None:
     assert mean_token_entropy(torch.randn(2, 3, 5), torch.zeros(2, 3)) == 0.0
+
+
+def test_a_token_cap_takes_an_even_stride_over_every_row() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11) * 3
+    mask = torch.ones(3, 6)
+    mask[:, 0] = 0.0  # 5 trained tokens per row, 15 in all
+    full = mean_token_entropy(logits, mask)
+    assert mean_token_entropy(logits, mask, max_tokens=15) == pytest.approx(full, rel=1e-6)
+    # 15 tokens capped at 5: stride 3 over the row-major (row, position) pairs, i.e. tokens 0, 3, ..., 12.
+    probs = torch.softmax(logits[:, :-1].reshape(15, 11), dim=-1)[::3]
+    expected = float(-(probs * probs.log()).sum(dim=-1).mean())
+    assert mean_token_entropy(logits, mask, max_tokens=5) == pytest.approx(expected, rel=1e-5)
+    assert mean_token_entropy(logits, mask, max_tokens=5) != pytest.approx(full, rel=1e-3)
