@@ -155,7 +155,7 @@ class Pipeline:
         scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"], trained_prompts)
         sync_seconds = 0.0
         if scheduler.should_sync():
-            sync_seconds = self.weight_sync.sync(scheduler.version)
+            sync_seconds = self.supervisor.sync(scheduler.version)  # a hung engine is restarted, then synced
             scheduler.on_synced()
         step_seconds = time.monotonic() - tic
         generated = store.incr("rollout_tokens", 0) - tokens_before
@@ -168,6 +168,7 @@ class Pipeline:
         record["engine_version"] = scheduler.engine_version
         record.update(_store_upkeep(store))
         record["rollout_restarts"] = sum(self.supervisor.restarts)
+        record["rollout_hangs"] = self.supervisor.hangs
         record["prompts_reclaimed"] = store.incr("prompts_reclaimed", 0)
         if self.redis_pid is not None:  # embedded: a killed server is restarted in a new process (storage/keeper.py)
             self.redis_pid = int(store.client.info("server")["process_id"])
@@ -186,7 +187,7 @@ class Pipeline:
         scheduler = Scheduler.from_state(
             self.cfg.scheduler, self.cfg.trainer.prompts_per_step, resume.run_state["scheduler"]
         )
-        self.weight_sync.sync(scheduler.version)
+        self.supervisor.sync(scheduler.version)
         scheduler.on_synced()
         log.info("resumed from %s at policy version %d; %d prompts to issue again", resume.checkpoint,
                  scheduler.version, len(scheduler.requeued))  # fmt: skip
@@ -220,10 +221,13 @@ class Pipeline:
 
 
 def _loads(rollouts, key: str, equal_to: float, timeout_s: float = 10.0) -> list[bool]:
-    """For each rollout worker, whether its ``load()[key]`` equals ``equal_to``."""
+    """For each rollout worker that answers within ``timeout_s``, whether its ``load()[key]`` equals ``equal_to``
+    (a hung one is left out: the supervisor's ``check`` or the next sync catches it)."""
     import ray
 
-    return [report[key] == equal_to for report in ray.get([w.load.remote() for w in rollouts], timeout=timeout_s)]
+    refs = [w.load.remote() for w in rollouts]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    return [ray.get(ref)[key] == equal_to for ref in refs if ref in done]
 
 
 def _idle_seconds(rollouts, timeout_s: float = 10.0) -> dict[str, float]:

@@ -3,6 +3,10 @@
 - A rollout worker whose process died is restarted by Ray (``run.max_restarts``); ``check`` notices the
   new process, hands it the weights its peers hold (``weight_sync.rejoin``) and starts it again, and the
   worker takes back the prompt entries its dead process held (same consumer name).
+- A rollout worker that hangs (stopped, deadlocked: its process lives but does not answer) is killed so that Ray
+  restarts it, and then brought back the same way. It is caught by whichever waits on it first: a weight sync that
+  it does not finish within ``sync.timeout_s`` (``EnginesHung``, naming the pool, the engine and the bucket), or a
+  ``status`` call it leaves unanswered for ``sync.timeout_s`` while Ray reports its process alive (not restarting).
 - A trainer whose process died ends the run (``trainer_lost``) with the newest checkpoint to resume from.
 
 The pids of the run's processes are in ``run.dir/processes.json`` (rewritten on every restart), for
@@ -45,6 +49,10 @@ class Supervisor:
         self.run_dir = run_dir
         self.restarts = [0] * len(rollouts)
         """Restarts of each rollout worker so far."""
+        self.hangs = 0
+        """Rollout workers killed as hung so far (``kill_hung``)."""
+        self._killed: dict[int, int] = {}
+        """Worker index -> the pid ``kill_hung`` killed (Ray takes seconds to end a stopped process)."""
         self.store_restarts = 0
         """Restarts of the embedded store server seen so far (``follow_store``)."""
         reports = ray.get([trainer.memory.remote(), *[w.memory.remote() for w in rollouts]], timeout=30)
@@ -53,6 +61,42 @@ class Supervisor:
         if redis_pid is not None:
             self.pids["redis"] = redis_pid
         self._write_processes()
+
+    def kill_hung(self, indices: list[int], why: str) -> None:
+        """Kill the rollout workers ``indices`` (hung: ``why``) so that Ray restarts them; ``check`` brings them
+        back. With their restarts used up the run ends (``WorkerLost``)."""
+        import ray
+
+        for index in indices:
+            name = f"rollout-{index}"
+            if self._killed.get(index) == self.pids[name]:
+                continue  # killed already; Ray has not ended that process yet
+            if self.restarts[index] >= self.cfg.run.max_restarts:
+                raise WorkerLost(
+                    f"rollout worker {name} (pid {self.pids[name]}) hung ({why}) and is not restarted: "
+                    f"run.max_restarts={self.cfg.run.max_restarts} restarts are used up"
+                )
+            log.warning(
+                "rollout worker %s (pid %d) hung: %s; killing it so Ray restarts it", name, self.pids[name], why
+            )
+            ray.kill(self.rollouts[index], no_restart=False)
+            self._killed[index] = self.pids[name]
+            self.hangs += 1
+
+    def sync(self, version: int) -> float:
+        """``weight_sync.sync(version)``; returns its seconds. Engines it finds hung (``EnginesHung``) are killed,
+        brought back once Ray restarted them (``check``: re-synced, their prompt entries taken back), and the sync
+        runs again so that every engine holds ``version``. Waits on: the syncs and the restarts (``check``)."""
+        from asyncrl.weight_sync import EnginesHung
+
+        tic = time.monotonic()
+        try:
+            self.weight_sync.sync(version)
+        except EnginesHung as err:
+            self.kill_hung(err.engines, str(err))
+            self.check()
+            self.weight_sync.sync(version)
+        return time.monotonic() - tic
 
     def check(self) -> list[int]:
         """Fail on a rollout worker whose loop stopped with an error; bring back each one whose process died
@@ -106,13 +150,27 @@ class Supervisor:
         """Worker ``index``'s ``status()``, through a restart of its actor."""
         import ray
 
-        name, limit = f"rollout-{index}", self.cfg.run.step_timeout_s
-        deadline = time.monotonic() + limit
+        name, limit, hang_s = f"rollout-{index}", self.cfg.run.step_timeout_s, self.cfg.sync.timeout_s
+        silent_since = time.monotonic()
+        deadline = silent_since + limit
         while True:
             try:
-                return ray.get(ref, timeout=max(RETRY_S, deadline - time.monotonic()))
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
-                if isinstance(err, ray.exceptions.RayActorError) and self.restarts[index] >= self.cfg.run.max_restarts:
+                return ray.get(ref, timeout=max(RETRY_S, min(deadline, silent_since + hang_s) - time.monotonic()))
+            except ray.exceptions.GetTimeoutError as err:
+                now = time.monotonic()
+                killed = self._killed.get(index) == self.pids[name]
+                if now - silent_since >= hang_s and not killed and self._alive_in(index, self.pids[name]):
+                    self.kill_hung([index], f"no answer to a status call for {hang_s:g}s (sync.timeout_s)")
+                    silent_since, deadline = now, now + limit  # its restart gets run.step_timeout_s from here
+                    continue
+                if now > deadline:
+                    raise WorkerLost(
+                        f"rollout worker {name} (pid {self.pids[name]}) did not answer for {limit:g}s "
+                        "(run.step_timeout_s): its restart did not finish"
+                    ) from err
+                continue  # restarting (Ray answers once its engine is up): keep waiting on the same call
+            except ray.exceptions.RayActorError as err:
+                if self.restarts[index] >= self.cfg.run.max_restarts:
                     raise WorkerLost(
                         f"rollout worker {name} (pid {self.pids[name]}) died and is not restarted: "
                         f"run.max_restarts={self.cfg.run.max_restarts} restarts are used up"
@@ -120,10 +178,18 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     raise WorkerLost(
                         f"rollout worker {name} (pid {self.pids[name]}) did not answer for {limit:g}s "
-                        "(run.step_timeout_s): hung, or its restart did not finish"
+                        "(run.step_timeout_s): its restart did not finish"
                     ) from err
             time.sleep(RETRY_S)  # died just now: Ray has not begun the restart that the next call waits for
             ref = self.rollouts[index].status.remote()
+
+    def _alive_in(self, index: int, pid: int) -> bool:
+        """Whether Ray reports worker ``index``'s actor alive in process ``pid`` (so a silence is a hang, not a
+        restart). Asks the GCS, not the worker, which may not answer."""
+        from ray._private import state  # the public state API needs the dashboard, which the run leaves off
+
+        info = state.actors(self.rollouts[index]._actor_id.hex())
+        return info.get("State") == "ALIVE" and info.get("Pid") == pid
 
     def _bring_back(self, index: int, pid: int) -> None:
         """Worker ``index`` runs in a new process: give it its peers' weights, then start it (it takes back its

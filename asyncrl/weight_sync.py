@@ -9,10 +9,12 @@
   the trainer packs bucket i+1 while bucket i is on the wire, engines stage buckets while decoding
   and switch at a step boundary (``sync.mode``).
 
-Fault tolerance (bucketed): every call is bounded by ``sync.timeout_s``. An engine whose actor died
-during a sync is dropped from the pool, the group is rebuilt over the survivors (a new generation,
-so nobody waits on the dead rank again) and the run goes on; ``rejoin`` adds a returned engine back.
-Any other failure raises ``SyncError`` naming the pool, the engine and the bucket.
+Fault tolerance: every call is bounded by ``sync.timeout_s``. An engine whose actor died during a sync
+is dropped from the pool, the group is rebuilt over the survivors (a new generation, so nobody waits on
+the dead rank again) and the run goes on; ``rejoin`` adds a returned engine back. An engine that did not
+finish within the timeout (hung: stopped, deadlocked) raises ``EnginesHung`` naming the pool, the engine
+and the bucket, after it was dropped the same way; the controller kills it so Ray restarts it
+(asyncrl/supervisor.py) and syncs again. Any other failure raises ``SyncError``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ CONNECT_MARGIN_S = 10.0
 """Extra time over ``sync.timeout_s`` for the Ray round trips around a collective."""
 
 
+class EnginesHung(SyncError):
+    """Engines (``rollout-<i>`` indices in ``engines``) that did not finish a sync within ``sync.timeout_s``;
+    the engines that did finish hold the new version."""
+
+    def __init__(self, message: str, engines: list[int]) -> None:
+        super().__init__(message)
+        self.engines = engines
+
+
 class ObjectStoreSync:
     """``sync.transport=object_store``: one numpy dict through Ray's object store per sync.
 
@@ -51,13 +62,10 @@ class ObjectStoreSync:
         weights = self.trainer.weights.remote()
         refs = [w.update_weights.remote(weights, version) for w in self.rollouts]
         done, waiting = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
-        if waiting:
-            hung = ", ".join(f"rollout-{refs.index(ref)}" for ref in waiting)
-            raise SyncError(
-                f"pool {POOL}: sync to version {version} timed out after {self.timeout_s:g}s (sync.timeout_s): "
-                f"engine(s) {hung} did not load the weights (one object, no buckets)"
-            )
+        hung = [refs.index(ref) for ref in waiting]
         for index, ref in enumerate(refs):
+            if index in hung:
+                continue
             try:
                 ray.get(ref)
             except ray.exceptions.RayActorError as err:
@@ -65,7 +73,14 @@ class ObjectStoreSync:
                     raise  # the trainer, not this engine
                 # Ray restarts it (run.max_restarts); the controller then hands it these weights (rejoin).
                 log.warning("pool %s: engine rollout-%d died during the sync to version %d", POOL, index, version)
-        self.current = (weights, version)
+        self.current = (weights, version)  # what a restarted engine gets (rejoin), the hung ones included
+        if hung:
+            names = ", ".join(f"rollout-{index}" for index in hung)
+            raise EnginesHung(
+                f"pool {POOL}: sync to version {version} timed out after {self.timeout_s:g}s (sync.timeout_s): "
+                f"engine(s) {names} did not load the weights (one object, no buckets)",
+                hung,
+            )
         return time.monotonic() - tic
 
     def rejoin(self, index: int) -> None:
@@ -112,6 +127,7 @@ class BucketedSync:
             run_id=self.cfg.run.name,
         )
         plan = ray.get(self.trainer.sync_plan.remote(POOL, self.cfg.model.dtype, sc.bucket_mb), timeout=timeout)
+        self.plan_buckets = len(plan["buckets"])
         refs = [self.trainer.sync_connect.remote(spec, plan)]
         refs += [self.rollouts[i].sync_connect.remote(plan, spec, rank) for rank, i in enumerate(self.live, 1)]
         ray.get(refs, timeout=timeout)
@@ -128,10 +144,12 @@ class BucketedSync:
         receives = {i: self.rollouts[i].sync_receive.remote(version, self.cfg.sync.mode) for i in self.live}
         refs = [send, *receives.values()]
         _, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        dead, errors = [], []
+        dead, hung, errors = [], [], []
+        buckets = f"version {version}, buckets 0-{self.plan_buckets - 1}"
         for index, ref in receives.items():
             if ref in waiting:
-                errors.append(f"engine {index} did not finish within {timeout:.0f}s")
+                hung.append(index)
+                errors.append(f"engine rollout-{index} did not stage every bucket of {buckets} within {timeout:.0f}s")
                 continue
             try:
                 ray.get(ref)
@@ -145,15 +163,17 @@ class BucketedSync:
             try:
                 ray.get(send)
             except ray.exceptions.RayTaskError as err:
-                if not dead:  # a send that failed because a receiver died is expected: rebuild below
-                    errors.append(str(err.cause))
-        if dead:
-            log.warning("pool %s: engine(s) %s died during the sync to version %d; rebuilding the group without them",
-                        POOL, dead, version)  # fmt: skip
-            self.live = [i for i in self.live if i not in dead]
+                if not dead or hung:  # a send that failed because a receiver died is expected: rebuild below
+                    errors.append(str(err.cause))  # names the bucket the trainer was on
+        if dead or hung:
+            log.warning("pool %s: engine(s) %s died or hung during the sync to version %d; rebuilding the group "
+                        "without them", POOL, [*dead, *hung], version)  # fmt: skip
+            self.live = [i for i in self.live if i not in dead and i not in hung]
             if not self.live:
-                raise SyncError(f"pool {POOL}: every engine died during the sync to version {version}")
+                raise SyncError(f"pool {POOL}: no engine finished the sync to version {version}: " + "; ".join(errors))
             self._connect()
+        if hung:
+            raise EnginesHung(f"pool {POOL}: sync to version {version} timed out: " + "; ".join(errors), hung)
         if errors:
             raise SyncError(f"pool {POOL}: sync to version {version} failed: " + "; ".join(errors))
         return time.monotonic() - tic

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,28 @@ def wait_for(what: str, check: Callable[[], object], proc: subprocess.Popen, tim
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def steps_done(run_dir: Path) -> int:
+    """Steps the run in ``run_dir`` logged so far (lines of metrics.jsonl)."""
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def run_pids(run_dir: Path) -> dict[str, int]:
+    """The run's processes (``run.dir/processes.json``: driver, trainer-0, rollout-<i>, redis); {} until written."""
+    try:
+        return json.loads((run_dir / "processes.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def every_prompt_trained_once(ledger: list[dict], steps: int, prompts_per_step: int, group_size: int) -> None:
+    """With max_staleness 0 each step trains exactly the prompts issued for it, so a lost prompt stalls the
+    run and one generated twice shows up here."""
+    assert len({row["sample_id"] for row in ledger}) == len(ledger) == steps * prompts_per_step * group_size
+    per_prompt = Counter(row["sample_id"].split("-")[0] for row in ledger)
+    assert sorted(per_prompt.values()) == [group_size] * (steps * prompts_per_step), per_prompt
 
 
 def train_tiny(run_dir: Path, *overrides: str) -> tuple[list[dict], list[dict]]:
