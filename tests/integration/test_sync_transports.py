@@ -5,10 +5,15 @@
 - Two pools of different dtype and transport (fp32 over gloo, bf16 through the store) from one sender.
 - An engine killed mid-sync: the sender fails with an error naming pool and bucket well within
   ``timeout_s``, a decoding engine keeps decoding, and the rebuilt group syncs the survivors.
+- An engine stopped (SIGSTOP) mid-sync: the engine gloo forwards through it fails naming pool, engine
+  and bucket within ``timeout_s``, the decoding engine carries on, and the rebuilt group syncs the rest.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
 import uuid
 
@@ -206,4 +211,46 @@ def test_an_engine_killed_mid_sync_fails_the_sync_fast_and_the_others_carry_on(t
         sender.close()
     finally:
         doomed.close()
+        bare.close()
+
+
+def test_an_engine_stopped_mid_sync_fails_the_sync_within_the_timeout_and_the_others_carry_on(trainer, engine):
+    plan = _plan(trainer, "stalled")
+    stopped, bare = EngineProcess("stopped", None), EngineProcess("bare-2", None)
+    try:
+        # gloo broadcasts along a binomial tree: of 4 ranks, rank 1 forwards each bucket to rank 3 (bare).
+        sender = _connect(plan, _spec("stalled", "broadcast", 3), [stopped, engine, bare])
+        engine.call("start_load", 4, 32)
+        tensors = module_tensors(trainer.engine.module)
+        os.kill(stopped.process.pid, signal.SIGSTOP)  # alive, silent: a hung engine
+        for process in (engine, bare):
+            process.send_only("sync", 100, "inflight")
+        started = time.monotonic()
+        try:  # the root's sends to the stopped rank may still land in its socket buffers
+            sender.send(tensors, 100)
+        except SyncError as err:
+            assert re.search(r"pool stalled: trainer failed on bucket \d+ of version 100", str(err)), err
+        with pytest.raises(EngineProcessError, match=r"pool stalled: engine 2 failed on bucket \d+ of version 100"):
+            bare.reply("sync", TIMEOUT_S + SLACK_S)
+        assert time.monotonic() - started < TIMEOUT_S + SLACK_S
+        try:  # fed by the root itself: it got every bucket unless the root gave up first
+            engine.reply("sync", TIMEOUT_S + SLACK_S)
+        except EngineProcessError as err:
+            assert "pool stalled" in str(err) and "bucket" in str(err)
+        steps = engine.call("stop_load")
+        assert sum(1 for stamp, *_ in steps if stamp > started) > 5  # it kept decoding through the failed sync
+        sender.close()
+
+        survivors = [engine, bare]  # the group is rebuilt without the stopped rank and syncs them
+        sender = _connect(plan, _spec("stalled", "broadcast", 2, generation=1), survivors)
+        for process in survivors:
+            process.send_only("sync", 101, "pause")
+        sender.send(tensors, 101)
+        for process in survivors:
+            process.reply("sync", TIMEOUT_S + 10)
+        assert engine.call("sample", PROMPTS[:1], "after-stall", 4)[0]["token_versions"] == [101] * 4
+        sender.close()
+    finally:
+        stopped.process.kill()  # SIGKILL ends a stopped process too
+        stopped.process.join(timeout=30)
         bare.close()
