@@ -224,6 +224,8 @@ class StagesConfig:
     reference: bool = False
     """Add `ref_logprobs` from a frozen copy of the initial model (model.path) on a reference stage worker; the
     trainer's KL term (trainer.kl_coef > 0) uses them. Runs beside the reward stage, not after it."""
+    reward_workers: int = 1
+    """Reward stage workers; they share the entries (a slow reward scales out without more engines)."""
     device: str = "cpu"
     """Torch device of the reference stage's model (a CUDA device takes one GPU)."""
     batch_size: int = 8
@@ -231,6 +233,7 @@ class StagesConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"stages.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.reward_workers >= 1, f"stages.reward_workers must be >= 1, got {self.reward_workers}")
 
     @property
     def enabled(self) -> bool:

@@ -30,7 +30,8 @@ def _stage_class(name: str) -> type:
 
 
 class StageWorker:
-    """Runs stage ``name`` on every entry of the ``generated`` stream, as consumer ``NAME-0`` of group ``name``.
+    """Runs stage ``name`` on the entries of the ``generated`` stream, as consumer ``NAME-INDEX`` of group ``name``
+    (several workers of one stage share its entries, each read by one of them).
 
     Per entry: read only the stage's columns, compute its columns, and ``advance`` the entry with them; the
     last stage to add its columns hands the entry on to ``trajectories``. The loop starts with the actor, so a
@@ -38,10 +39,10 @@ class StageWorker:
     never advanced (``advance`` is atomic: an entry is handed on once, whatever was retried).
     """
 
-    def __init__(self, cfg: Config, model_path: str, store_url: str, name: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, store_url: str, name: str, index: int = 0) -> None:
         from storage import TrajectoryStore
 
-        self.name, self.consumer = name, f"{name}-0"
+        self.name, self.consumer = name, f"{name}-{index}"
         self.stage = _stage_class(name)(cfg, model_path)
         self.ready_when = [column for stage in stage_names(cfg.stages) for column in _stage_class(stage).adds]
         self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
@@ -54,7 +55,7 @@ class StageWorker:
         self._thread.start()
 
     def ready(self) -> str:
-        return self.name
+        return self.consumer
 
     def health(self) -> str | None:
         """None while the loop is alive, else the error that ended it."""
@@ -116,12 +117,13 @@ class StageSet:
         handles = {}
         for name in stage_names(cfg.stages):
             gpus = 1 if name == "reference" and cfg.stages.device.startswith("cuda") else 0
-            handles[name] = (
-                ray.remote(StageWorker)
-                .options(name=f"stage-{name}", num_cpus=0, num_gpus=gpus, max_concurrency=2,
-                         max_restarts=cfg.run.max_restarts)
-                .remote(cfg, model_path, store_url, name)
-            )  # fmt: skip
+            for index in range(cfg.stages.reward_workers if name == "reward" else 1):
+                handles[f"{name}-{index}"] = (
+                    ray.remote(StageWorker)
+                    .options(name=f"stage-{name}-{index}", num_cpus=0, num_gpus=gpus, max_concurrency=2,
+                             max_restarts=cfg.run.max_restarts)
+                    .remote(cfg, model_path, store_url, name, index)
+                )  # fmt: skip
         ray.get([handle.ready.remote() for handle in handles.values()], timeout=cfg.run.step_timeout_s)
         return cls(cfg, handles)
 
@@ -136,18 +138,20 @@ class StageSet:
         errors = ray.get([self.handles[name].health.remote() for name in names], timeout=60)
         for name, error in zip(names, errors, strict=True):
             if error is not None:
-                raise RuntimeError(f"the {name} stage failed: {error}")
+                raise RuntimeError(f"stage worker {name} failed: {error}")
 
     def record(self) -> dict[str, float]:
-        """Per stage: busy seconds since start (``NAME_stage_busy_s``) and rows handed on (``NAME_stage_rows``)."""
+        """Per stage, summed over its workers since start: busy seconds (``NAME_stage_busy_s``) and rows it
+        handled (``NAME_stage_rows``)."""
         import ray
 
         names = list(self.handles)
         stats = ray.get([self.handles[name].stats.remote() for name in names], timeout=60)
-        out = {}
+        out: dict[str, float] = {}
         for name, stat in zip(names, stats, strict=True):
-            out[f"{name}_stage_busy_s"] = round(stat["busy_seconds"], 3)
-            out[f"{name}_stage_rows"] = stat["rows"]
+            stage = name.rpartition("-")[0]
+            out[f"{stage}_stage_busy_s"] = round(out.get(f"{stage}_stage_busy_s", 0.0) + stat["busy_seconds"], 3)
+            out[f"{stage}_stage_rows"] = out.get(f"{stage}_stage_rows", 0) + stat["rows"]
         return out
 
     def stop(self) -> None:

@@ -10,7 +10,12 @@ from tests.e2e.runs import train_tiny
 @pytest.mark.slow
 def test_a_run_with_reward_and_reference_stages_trains_every_sample_once_with_the_kl_term(tmp_path):
     metrics, ledger = train_tiny(
-        tmp_path / "staged", "run.steps=2", "stages.reward=true", "stages.reference=true", "trainer.kl_coef=0.1"
+        tmp_path / "staged",
+        "run.steps=2",
+        "stages.reward=true",
+        "stages.reward_workers=2",
+        "stages.reference=true",
+        "trainer.kl_coef=0.1",
     )
     samples = 2 * 8  # tiny: 2 prompts per step, 4 samples each
     assert len(ledger) == samples and len({row["sample_id"] for row in ledger}) == samples
