@@ -497,6 +497,8 @@ class StoreConfig:
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 """Ray placement-group strategies a pool may ask for."""
 POOL_ROLES = ("trainer", "rollout")
+POOL_DTYPES = ("float32", "bfloat16", "float16")
+"""Engine dtypes a pool may run (the sync plan casts to them); float16 for CPUs whose vLLM bf16 kernels do not run."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -520,9 +522,14 @@ class PoolConfig:
     tensor_parallel: int = 1
     """Engine tensor-parallel size (rollout pools; CUDA engines)."""
     dtype: str = ""
-    """Engine dtype of this pool (float32 or bfloat16); empty uses model.dtype."""
+    """Engine dtype of this pool (float32, bfloat16 or float16); empty uses model.dtype. The sync plan casts the
+    trainer's weights to it, so the pool's engines receive (and hold) exactly the cast weights."""
     gpu_memory_fraction: float = 0.9
     """Fraction of each GPU the engine may take for weights and KV cache (CUDA engines)."""
+    sync_transport: str = ""
+    """Weight-sync transport of this rollout pool (`broadcast` or `store`); empty uses sync.transport."""
+    sync_bucket_mb: float = 0.0
+    """Bucket size of this rollout pool's sync plan, in MiB; 0 uses sync.bucket_mb."""
 
     def validate(self, key: str) -> None:
         """Checks with the pool's own key (`resources.pools[i]`) in every message."""
@@ -539,7 +546,18 @@ class PoolConfig:
                 "one GPU per tensor-parallel rank",
             )
         if self.dtype:
-            _one_of(f"{key}.dtype", self.dtype, ("float32", "bfloat16"))
+            _one_of(f"{key}.dtype", self.dtype, POOL_DTYPES)
+        if self.sync_transport:
+            from asyncrl.sync.registry import TRANSPORTS
+
+            _one_of(f"{key}.sync_transport", self.sync_transport, tuple(TRANSPORTS))
+        _require(
+            self.sync_bucket_mb >= 0,
+            f"{key}.sync_bucket_mb must be >= 0 (0: sync.bucket_mb), got {self.sync_bucket_mb}",
+        )
+        if self.role == "trainer":
+            for name, value in (("sync_transport", self.sync_transport), ("sync_bucket_mb", self.sync_bucket_mb)):
+                _require(not value, f"{key}.{name} is for rollout pools (the trainer sends to each), got {value!r}")
         _require(
             0 < self.gpu_memory_fraction <= 1,
             f"{key}.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}",
@@ -737,6 +755,12 @@ class Config:
             f"rollout.debug_token_delay_s has {delays} entries for {self.rollout.num_workers} rollout workers "
             "(one per worker at most)",
         )
+        for index, pool in enumerate(self.resources.pools):
+            _require(
+                not pool.sync_transport or self.sync.transport != "object_store",
+                f"resources.pools[{index}].sync_transport={pool.sync_transport!r} needs a bucketed sync.transport "
+                "(broadcast or store); sync.transport=object_store hands every engine one dict, with no per-pool link",
+            )
         _require(
             not (self.stages.reward and self.rollout.env),
             f"stages.reward=true cannot score rollout.env={self.rollout.env!r} episodes: their environment scores them "

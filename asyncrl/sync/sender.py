@@ -96,15 +96,27 @@ class PoolSender:
         self.transport.close()
 
 
+class PoolsFailed(SyncError):
+    """Sends to some of several pools failed; ``failures`` maps each failed pool to its error message (the
+    other pools got every bucket)."""
+
+    def __init__(self, message: str, failures: dict[str, str]) -> None:
+        super().__init__(message, failures)  # both in args: the error crosses Ray by pickle
+        self.failures = failures
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def send_to_pools(senders: Mapping[str, PoolSender], tensors: Mapping[str, torch.Tensor], version: int) -> dict:
-    """Send ``version`` to every pool at once; ``{pool: SendStats}``. The first failure raises after
-    the other pools finished (they do not depend on it)."""
+    """Send ``version`` to every pool at once; ``{pool: SendStats}``. With one pool its error raises as is;
+    with several, a failure raises ``PoolsFailed`` after the other pools finished (they do not depend on it)."""
     if len(senders) == 1:
         ((pool, sender),) = senders.items()
         return {pool: sender.send(tensors, version)}
     with ThreadPoolExecutor(max_workers=len(senders), thread_name_prefix="sync-pool") as pool_threads:
         futures = {pool: pool_threads.submit(sender.send, tensors, version) for pool, sender in senders.items()}
-        errors = [future.exception() for future in futures.values() if future.exception() is not None]
-        if errors:
-            raise errors[0]
+        failures = {pool: str(future.exception()) for pool, future in futures.items() if future.exception() is not None}
+        if failures:
+            raise PoolsFailed("; ".join(failures.values()), failures)
         return {pool: future.result() for pool, future in futures.items()}
