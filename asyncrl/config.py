@@ -42,7 +42,7 @@ class ModelConfig:
     """Parameter dtype for the trainer and the engines: float32 or bfloat16."""
 
     def __post_init__(self) -> None:
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.dtype", self.dtype, TRAINER_DTYPES)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -497,8 +497,11 @@ class StoreConfig:
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 """Ray placement-group strategies a pool may ask for."""
 POOL_ROLES = ("trainer", "rollout")
+TRAINER_DTYPES = ("float32", "bfloat16")
+"""Dtypes the trainer (DeepSpeed) runs in: model.dtype, a trainer pool's dtype."""
 POOL_DTYPES = ("float32", "bfloat16", "float16")
-"""Engine dtypes a pool may run (the sync plan casts to them); float16 for CPUs whose vLLM bf16 kernels do not run."""
+"""Engine dtypes a rollout pool may run (the sync plan casts to them); float16 also runs on CPUs where vLLM's
+bfloat16 kernels do not."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -546,7 +549,7 @@ class PoolConfig:
                 "one GPU per tensor-parallel rank",
             )
         if self.dtype:
-            _one_of(f"{key}.dtype", self.dtype, POOL_DTYPES)
+            _one_of(f"{key}.dtype", self.dtype, POOL_DTYPES if self.role == "rollout" else TRAINER_DTYPES)
         if self.sync_transport:
             from asyncrl.sync.registry import TRANSPORTS
 

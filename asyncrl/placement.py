@@ -63,7 +63,11 @@ class Slot:
         """The job's config as this pool's workers see it: the pool's engine dtype replaces model.dtype."""
         if not self.pool.dtype or self.pool.dtype == cfg.model.dtype:
             return cfg
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.pool.dtype))
+        model = dataclasses.replace(cfg.model)
+        # Assigned, not passed to replace: an engine dtype (float16) may be one model.dtype (the trainer's) does not
+        # allow; resources.pools[i].dtype was validated against the engine dtypes.
+        model.dtype = self.pool.dtype
+        return dataclasses.replace(cfg, model=model)
 
 
 def pools(cfg: Config) -> list[PoolConfig]:

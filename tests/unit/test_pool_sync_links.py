@@ -4,6 +4,7 @@ naming the key and its allowed values, and each rollout pool's link resolves the
 import pytest
 
 from asyncrl.config import ConfigError, load_config
+from asyncrl.placement import Slot
 from asyncrl.weight_sync import pool_links
 
 HETERO = """
@@ -30,6 +31,13 @@ def test_each_rollout_pool_gets_its_dtype_transport_bucket_size_and_engines(hete
     assert [link.live for link in links] == [[0, 1], [2]]
 
 
+def test_a_pools_engines_get_its_dtype_and_the_trainer_keeps_model_dtype(hetero):
+    cfg = load_config(hetero)
+    trainers, fp32, half = (Slot(pool=pool, bundle_index=0, placement_group=None) for pool in cfg.resources.pools)
+    assert [slot.worker_config(cfg).model.dtype for slot in (trainers, fp32, half)] == ["float32", "float32", "float16"]
+    assert cfg.model.dtype == "float32"  # the job's config is left as it was
+
+
 def test_one_pool_default_is_the_rollout_pool_of_sync_settings():
     cfg = load_config(None, ["rollout.num_workers=3", "sync.transport=store", "sync.bucket_mb=4"])
     (link,) = pool_links(cfg)
@@ -48,6 +56,7 @@ def test_one_pool_default_is_the_rollout_pool_of_sync_settings():
         ("resources.pools.2.sync_transport=nccl", "resources.pools[2].sync_transport must be one of broadcast, store"),
         ("resources.pools.2.sync_bucket_mb=-1", "resources.pools[2].sync_bucket_mb must be >= 0"),
         ("resources.pools.2.dtype=int8", "resources.pools[2].dtype must be one of float32, bfloat16, float16"),
+        ("resources.pools.0.dtype=float16", "resources.pools[0].dtype must be one of float32, bfloat16;"),
         ("resources.pools.0.sync_transport=store", "resources.pools[0].sync_transport is for rollout pools"),
         ("resources.pools.0.sync_bucket_mb=2", "resources.pools[0].sync_bucket_mb is for rollout pools"),
         ("sync.transport=object_store", "resources.pools[2].sync_transport='store' needs a bucketed sync.transport"),

@@ -1,0 +1,187 @@
+"""Two rollout pools of different dtype and transport in one run, each with its own plan and link, as
+``asyncrl.weight_sync.pool_links`` resolves them from ``resources.pools``: ``fp32`` over the gloo broadcast
+and ``half`` (float16, a smaller bucket size) through the store transport, from one DeepSpeed trainer.
+
+After every sync (two optimizer steps):
+- the fp32 engine's log-probs of its fresh samples equal the trainer's within 1e-5;
+- the float16 engine staged exactly the trainer's weights cast to float16, and it samples the same tokens with
+  the same log-probs as a reference float16 engine started afresh from the trainer's weights on disk (vLLM casts
+  them at load): a stale, partial or wrongly cast update would change both.
+
+Why float16 and not bfloat16: on this CPU vLLM's bfloat16 attention kernel dies with SIGILL (the CPU lists
+AMX/AVX512-BF16 but the kernel cannot run here), so the half-precision pool is float16, which runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+torch = pytest.importorskip("torch")
+
+from asyncrl.config import load_config  # noqa: E402
+from asyncrl.models import build_tiny_model  # noqa: E402
+from asyncrl.sync.broadcast import host_rendezvous  # noqa: E402
+from asyncrl.sync.local import EngineProcess  # noqa: E402
+from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
+from asyncrl.sync.sender import PoolSender, send_to_pools  # noqa: E402
+from asyncrl.sync.transport import SENDER_RANK, LinkSpec, build_transport  # noqa: E402
+from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows  # noqa: E402
+from asyncrl.weight_sync import PoolLink, pool_links  # noqa: E402
+from storage import EmbeddedRedis  # noqa: E402
+from tests.conftest import SERVERS  # noqa: E402
+from trainers.batch import collate  # noqa: E402
+from trainers.policy import PolicyTrainer  # noqa: E402
+
+FP32_TOLERANCE = 1e-5
+SAME_ENGINE_TOLERANCE = 1e-6  # two float16 engines on the same weights and tokens: the same kernels
+TIMEOUT_S = 20.0
+PROMPTS = [[5 + i, 17, 42, 7 * i + 3] for i in range(4)]
+POOLS = """
+sync: {transport: broadcast, bucket_mb: 0.25}
+resources:
+  pools:
+    - {name: trainers, role: trainer, cpus: 1}
+    - {name: fp32, role: rollout, cpus: 1}
+    - {name: half, role: rollout, cpus: 1, dtype: float16, sync_transport: store, sync_bucket_mb: 0.1}
+"""
+
+
+@pytest.fixture(scope="module")
+def one_redis(tmp_path_factory):
+    """One server is enough here (the store transport's server matrix runs in test_sync_transports.py)."""
+    if not SERVERS:
+        pytest.fail("no redis-server found: run launch/setup.sh")
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), server_bin=SERVERS[sorted(SERVERS)[0]]) as server:
+        yield server.url
+
+
+def _batch(sequences: list[dict]) -> dict:
+    rows = [
+        {
+            **{
+                key: seq[key]
+                for key in ("prompt_ids", "response_ids", "token_versions", "finish_reason", "gen_seconds")
+            },
+            "sample_id": seq["request_id"],
+            "prompt_id": "p0",
+            "group_id": "g0",
+            "behavior_logprobs": seq["logprobs"],
+            "version_start": min(seq["token_versions"]),
+            "version_end": max(seq["token_versions"]),
+            "reward": float(i % 2),
+            "reward_failed": False,
+            "worker_id": "w0",
+        }
+        for i, seq in enumerate(sequences)
+    ]
+    return collate(table_from_rows(rows, TRAJECTORY_SCHEMA), pad_id=0)
+
+
+def _max_gap(trainer: PolicyTrainer, batch: dict) -> float:
+    mask = batch["response_mask"].bool()
+    return (trainer.logprobs(batch)[mask] - batch["behavior_logprobs"][mask]).abs().max().item()
+
+
+def _logprob_gap(samples: list[dict], reference: list[dict]) -> float:
+    """Largest log-prob difference of the same requests (same seeds); inf where the sampled tokens differ."""
+    gap = 0.0
+    for got, want in zip(samples, reference, strict=True):
+        if got["response_ids"] != want["response_ids"]:
+            return float("inf")
+        gap = max(gap, *(abs(a - b) for a, b in zip(got["logprobs"], want["logprobs"], strict=True)))
+    return gap
+
+
+def _spec(link: PoolLink, redis_url: str, run_id: str) -> LinkSpec:
+    return LinkSpec(
+        pool=link.name,
+        transport=link.transport,
+        world_size=1 + len(link.engines),
+        timeout_s=TIMEOUT_S,
+        port=host_rendezvous(TIMEOUT_S).port,
+        store_url=redis_url,
+        run_id=run_id,
+    )
+
+
+def _save_weights(trainer: PolicyTrainer, model_dir: str, folder: Path) -> str:
+    """The trainer's current weights as a Hugging Face folder (float32), with the model's tokenizer files."""
+    shutil.copytree(model_dir, folder)
+    trainer.engine.module.save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+def test_two_pools_of_different_dtype_each_match_the_trainer_after_every_sync(tmp_path, one_redis):
+    (tmp_path / "pools.yaml").write_text(POOLS)
+    links = {link.name: link for link in pool_links(load_config(tmp_path / "pools.yaml"))}
+    assert [(n, link.dtype, link.transport) for n, link in links.items()] == [
+        ("fp32", "float32", "broadcast"),
+        ("half", "float16", "store"),
+    ]
+    model_dir = str(build_tiny_model(tmp_path / "tiny"))
+    trainer = PolicyTrainer(model_dir, lr=5e-3, micro_batch_size=4, grad_accum_steps=1, seed=0)
+    engines = {name: EngineProcess(name, model_dir, dtype=link.dtype) for name, link in links.items()}
+    try:
+        shapes = [(name, tuple(t.shape)) for name, t in module_tensors(trainer.engine.module).items()]
+        plans = {
+            name: SyncPlan.build(shapes, pool=name, dtype=link.dtype, bucket_mb=link.bucket_mb)
+            for name, link in links.items()
+        }
+        # Each pool's own bucket size: the float16 pool's 0.1 MiB buckets hold fewer bytes but more of them.
+        assert len(plans["half"].buckets) > len(plans["fp32"].buckets) > 1
+        run_id = f"hetero-{uuid.uuid4().hex[:8]}"
+        for name, link in links.items():
+            engines[name].send_only("connect", plans[name].to_dict(), _spec(link, one_redis, run_id), 1)
+        senders = {
+            name: PoolSender(plans[name], build_transport(_spec(link, one_redis, run_id), SENDER_RANK), TIMEOUT_S)
+            for name, link in links.items()
+        }
+        for engine in engines.values():
+            engine.reply("connect", TIMEOUT_S + 10)
+
+        for version in (1, 2):
+            batch = _batch(engines["fp32"].call("sample", PROMPTS, f"train-v{version}", 12))
+            trainer.forward_backward(batch)
+            trainer.optimizer_step()
+            assert _max_gap(trainer, batch) > 1e-3  # the step changed the policy, so the checks below can fail
+            stale_half = engines["half"].call("sample", PROMPTS, f"half-v{version}", 12)  # before the sync
+            for engine in engines.values():
+                engine.send_only("sync", version, "inflight")
+            tensors = module_tensors(trainer.engine.module)
+            stats = send_to_pools(senders, tensors, version)
+            for engine in engines.values():
+                engine.reply("sync", TIMEOUT_S + 10)
+            assert stats["half"].bytes * 2 == stats["fp32"].bytes
+
+            fp32 = engines["fp32"].call("sample", PROMPTS, f"fp32-v{version}", 12)
+            assert all(seq["token_versions"] == [version] * len(seq["response_ids"]) for seq in fp32)
+            assert _max_gap(trainer, _batch(fp32)) < FP32_TOLERANCE
+
+            staged = engines["half"].call("staged")
+            assert set(staged) == set(tensors)
+            for name, tensor in tensors.items():
+                assert staged[name].dtype == torch.float16
+                assert torch.equal(staged[name], tensor.to(torch.float16)), name
+            half = engines["half"].call("sample", PROMPTS, f"half-v{version}", 12)
+            assert all(seq["token_versions"] == [version] * len(seq["response_ids"]) for seq in half)
+            fresh_dir = _save_weights(trainer, model_dir, tmp_path / f"weights-v{version}")
+            reference = EngineProcess(f"reference-v{version}", fresh_dir, dtype="float16")
+            try:
+                expected = reference.call("sample", PROMPTS, f"half-v{version}", 12)
+            finally:
+                reference.close()
+            assert _logprob_gap(half, expected) < SAME_ENGINE_TOLERANCE
+            assert _logprob_gap(stale_half, expected) > 1e-3  # the same check on the weights before: it can fail
+            # And float16 stays close to the fp32 trainer (rounding only), far closer than a stale policy.
+            assert _max_gap(trainer, _batch(half)) < 0.05
+        for sender in senders.values():
+            sender.close()
+    finally:
+        for engine in engines.values():
+            engine.close()
