@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger(__name__)
+
 # How long a step waits for a pending weight update before declaring the engine stuck.
 UPDATE_WAIT_TIMEOUT_S = 600.0
 
@@ -111,6 +113,7 @@ class GenerationEngine:
         version: int = 0,
         recompute_kv_on_update: bool = True,
         enforce_eager: bool = True,
+        staged_updates: bool = True,
     ):
         """Start the engine on ``model_path`` (a Hugging Face folder).
 
@@ -120,6 +123,8 @@ class GenerationEngine:
         keys/values computed by the old weights, and the prefix cache is disabled because it
         could not be invalidated while requests hold blocks.
         ``enforce_eager``: run without torch.compile (the CPU default is inductor, slow to start).
+        ``staged_updates``: prepare each weight update beside the live model while it keeps stepping and
+        swap it in between two steps (``rollout.staged_weights``); False: vLLM's reload, under the lock.
         """
         # Must be set before vLLM reads its environment: the engine core must live in this process
         # so the lock below really brackets engine steps and tensors pass by reference.
@@ -131,6 +136,9 @@ class GenerationEngine:
         self.version = version
         self._recompute_kv_on_update = recompute_kv_on_update
         self._lock = threading.Lock()
+        self._update_lock = threading.Lock()
+        self._staged_updates = staged_updates
+        self._staged = None  # rollout.staged_weights.StagedWeights, built at the first update
         self._no_update_pending = threading.Condition(threading.Lock())
         self._pending_updates = 0
         self._running: dict[str, _RunningSequence] = {}
@@ -238,27 +246,56 @@ class GenerationEngine:
         ``named_tensors`` is the full parameter set as ``model.named_parameters()`` of the
         transformers model yields it (a tied ``lm_head.weight`` may be present or not: vLLM's
         loader skips it). Running requests continue; their later tokens carry ``version``.
-        Generation pauses while the iterable is consumed: pass received tensors, not a lazy
-        network read, to keep the pause to the reload itself.
+        Pass received tensors, not a lazy network read. With staged updates the engine keeps stepping
+        while they are copied beside the live model and pauses only for the swap (milliseconds);
+        vLLM's reload (a model the staging cannot map) pauses it for the whole load.
         """
-        with self._no_update_pending:
-            self._pending_updates += 1
-        try:
-            with self._lock:
-                started = time.perf_counter()
-                self._engine.collective_rpc(_reload_weights_on_worker, args=(named_tensors,))
-                # Cached KV was computed by the old weights. With recompute, running requests are
-                # preempted and re-prefilled by the new weights; either way the prefix cache empties.
-                reset = self._engine.reset_prefix_cache(reset_running_requests=self._recompute_kv_on_update)
-                if self._recompute_kv_on_update and not reset:
-                    raise RuntimeError("vLLM could not reset its KV cache after a weight update")
-                self.version = version
-                self._engine.set_weight_version(str(version))
-                return time.perf_counter() - started
-        finally:
+        named_tensors = list(named_tensors)
+        with self._update_lock:  # one update at a time: they share the spare buffers
+            staged = self._prepare_staged(named_tensors)
             with self._no_update_pending:
-                self._pending_updates -= 1
-                self._no_update_pending.notify_all()
+                self._pending_updates += 1
+            try:
+                return self._switch(named_tensors, version, staged)
+            finally:
+                with self._no_update_pending:
+                    self._pending_updates -= 1
+                    self._no_update_pending.notify_all()
+
+    def _prepare_staged(self, named_tensors: list[tuple[str, torch.Tensor]]) -> bool:
+        """Stage the update beside the live model (no engine lock: steps go on); False: use vLLM's reload."""
+        from rollout.staged_weights import StagedWeights, StagingUnsupported
+
+        if not self._staged_updates:
+            return False
+        try:
+            if self._staged is None or self._staged.names != {name for name, _ in named_tensors}:
+                with self._lock:
+                    (model,) = self._engine.collective_rpc(_model_on_worker)
+                self._staged = StagedWeights(model, [(name, tuple(t.shape)) for name, t in named_tensors])
+            self._staged.prepare(named_tensors)
+            return True
+        except StagingUnsupported as err:
+            log.warning("weight updates use vLLM's reload (%s)", err)
+            self._staged_updates, self._staged = False, None
+            return False
+
+    def _switch(self, named_tensors: list[tuple[str, torch.Tensor]], version: int, staged: bool) -> float:
+        """Make the update live between two steps (the caller raised the update gate); seconds under the lock."""
+        with self._lock:
+            started = time.perf_counter()
+            if staged:
+                self._staged.commit()
+            else:
+                self._engine.collective_rpc(_reload_weights_on_worker, args=(named_tensors,))
+            # Cached KV was computed by the old weights. With recompute, running requests are
+            # preempted and re-prefilled by the new weights; either way the prefix cache empties.
+            reset = self._engine.reset_prefix_cache(reset_running_requests=self._recompute_kv_on_update)
+            if self._recompute_kv_on_update and not reset:
+                raise RuntimeError("vLLM could not reset its KV cache after a weight update")
+            self.version = version
+            self._engine.set_weight_version(str(version))
+            return time.perf_counter() - started
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -301,6 +338,11 @@ class _ExpectedReloadWarnings(logging.Filter):
         return not (
             record.msg == "%s: Failed to load weights" and record.args and record.args[0] in self.NO_OWN_WEIGHTS
         )
+
+
+def _model_on_worker(worker: Any) -> Any:
+    """Runs inside the vLLM worker (this process): the live model module."""
+    return worker.model_runner.get_model()
 
 
 def _reload_weights_on_worker(worker: Any, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

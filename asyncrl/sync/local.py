@@ -37,13 +37,19 @@ class EngineProcess:
         dtype: str = "float32",
         omp_threads: int = 1,
         die_after_bucket: int | None = None,
+        recompute_kv_on_update: bool = True,
         start_timeout_s: float = 120.0,
     ) -> None:
         context = multiprocessing.get_context("spawn")  # vLLM and gloo state must not be forked
         self.name = name
         self._conn, child_conn = context.Pipe()
         self._lock = threading.Lock()
-        options = {"dtype": dtype, "omp_threads": omp_threads, "die_after_bucket": die_after_bucket}
+        options = {
+            "dtype": dtype,
+            "omp_threads": omp_threads,
+            "die_after_bucket": die_after_bucket,
+            "recompute_kv_on_update": recompute_kv_on_update,
+        }
         self.process = context.Process(
             target=_child_main, args=(child_conn, model_path, options), name=f"engine-{name}", daemon=True
         )
@@ -121,7 +127,12 @@ class _Child:
             from rollout.engine import GenerationEngine
 
             self.engine = GenerationEngine(
-                model_path, dtype=options["dtype"], max_model_len=256, max_num_seqs=16, kv_cache_mb=64
+                model_path,
+                dtype=options["dtype"],
+                max_model_len=256,
+                max_num_seqs=16,
+                kv_cache_mb=64,
+                recompute_kv_on_update=options["recompute_kv_on_update"],
             )
         self.die_after_bucket = options["die_after_bucket"]
         self.receiver = None
