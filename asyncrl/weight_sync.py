@@ -4,7 +4,7 @@
 
 - ``object_store``: the trainer's weights as one numpy dict through Ray's object store; every engine
   loads it (the original path, no plan, no group).
-- ``broadcast`` / ``store``: a bucketed link per pool (``asyncrl.sync``): the trainer builds the plan
+- ``broadcast`` / ``store`` / ``shm``: a bucketed link per pool (``asyncrl.sync``): the trainer builds the plan
   once, publishes it to the engines with the link spec, and each sync only moves bucket payloads;
   the trainer packs bucket i+1 while bucket i is on the wire, engines stage buckets while decoding
   and switch at a step boundary (``sync.mode``). Each rollout pool (``resources.pools``) gets its own
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncrl.config import Config
+from asyncrl.sync.registry import TRANSPORTS
 from asyncrl.sync.transport import LinkSpec, SyncError
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,9 @@ class BucketedSync:
 
         sc, timeout = self.cfg.sync, self.cfg.sync.timeout_s + CONNECT_MARGIN_S
         link.generation += 1
+        if link.generation:
+            log.info("pool %s: rebuilding its group (generation %d) over engines %s", link.name, link.generation,
+                     [f"rollout-{i}" for i in link.live])  # fmt: skip
         # Only the broadcast transport rendezvouses there; hosting it for the store transport costs one idle socket.
         port = ray.get(self.trainer.sync_host.remote(sc.timeout_s), timeout=timeout)
         spec = LinkSpec(
@@ -263,7 +267,7 @@ class BucketedSync:
         pass
 
 
-STRATEGIES: dict[str, type] = {"object_store": ObjectStoreSync, "broadcast": BucketedSync, "store": BucketedSync}
+STRATEGIES: dict[str, type] = {"object_store": ObjectStoreSync, **dict.fromkeys(TRANSPORTS, BucketedSync)}
 """Controller-side strategy per ``sync.transport``."""
 
 

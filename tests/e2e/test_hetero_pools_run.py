@@ -1,10 +1,16 @@
 """The tiny job with two rollout pools of different dtype and transport: `fp32` (float32, gloo broadcast)
 and `half` (float16, the store transport, its own bucket size). The run finishes, the engines' version
-advances with every step, and both pools generate trajectories sampled by the synced weights."""
+advances with every step, and both pools generate trajectories sampled by the synced weights. An engine of
+the float16 pool killed mid-run is restarted by Ray and brought back through its own pool's link."""
+
+import os
+import signal
 
 import pytest
 
-from tests.e2e.runs import train_tiny
+from tests.e2e.runs import read_jsonl, run_pids, start_asyncrl, steps_done, train_tiny, wait_for
+
+RUN_TIMEOUT_S = 240
 
 POOLS = (
     "resources.pools=[{name: trainers, role: trainer, cpus: 1}, {name: fp32, role: rollout, cpus: 1}, "
@@ -24,3 +30,27 @@ def test_two_rollout_pools_of_different_dtype_and_transport_train(tmp_path):
     assert workers == {"rollout-0", "rollout-1"}, workers
     for worker in workers:  # each pool trained on samples of weights that reached it by its own link
         assert max(row["version_start"] for row in ledger if row["worker_id"] == worker) >= 1, worker
+
+
+@pytest.mark.slow
+def test_a_killed_engine_of_the_float16_pool_rejoins_by_its_own_pools_link(tmp_path):
+    run_dir, steps = tmp_path / "run", 6
+    log = tmp_path / "run.log"
+    overrides = ("run.name=hetero", f"run.steps={steps}", "sync.transport=broadcast", "sync.bucket_mb=0.25", POOLS)
+    proc = start_asyncrl(log, "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}", *overrides)
+    try:
+        wait_for("the first step", lambda: steps_done(run_dir) >= 1, proc)  # the pools have synced once
+        killed_after = steps_done(run_dir)
+        pid = run_pids(run_dir)["rollout-1"]
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    metrics, ledger = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "ledger.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert metrics[-1]["rollout_restarts"] == 1 and run_pids(run_dir)["rollout-1"] != pid
+    assert [m["engine_version"] for m in metrics] == list(range(1, steps + 1))
+    # The restarted float16 engine got newer weights through the store link of its pool (rebuilt with it).
+    newest = max(row["version_start"] for row in ledger if row["worker_id"] == "rollout-1")
+    assert newest > killed_after, (newest, killed_after)
