@@ -8,12 +8,17 @@ After every sync (two optimizer steps):
   the same log-probs as a reference float16 engine started afresh from the trainer's weights on disk (vLLM casts
   them at load): a stale, partial or wrongly cast update would change both.
 
+And an engine that dies in one pool fails only that pool's send (``PoolsFailed`` names it); the other pool's
+engine gets every bucket.
+
 Why float16 and not bfloat16: on this CPU vLLM's bfloat16 attention kernel dies with SIGILL (the CPU lists
 AMX/AVX512-BF16 but the kernel cannot run here), so the half-precision pool is float16, which runs.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -29,7 +34,7 @@ from asyncrl.models import build_tiny_model  # noqa: E402
 from asyncrl.sync.broadcast import host_rendezvous  # noqa: E402
 from asyncrl.sync.local import EngineProcess  # noqa: E402
 from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
-from asyncrl.sync.sender import PoolSender, send_to_pools  # noqa: E402
+from asyncrl.sync.sender import PoolSender, PoolsFailed, send_to_pools  # noqa: E402
 from asyncrl.sync.transport import SENDER_RANK, LinkSpec, build_transport  # noqa: E402
 from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows  # noqa: E402
 from asyncrl.weight_sync import PoolLink, pool_links  # noqa: E402
@@ -185,3 +190,46 @@ def test_two_pools_of_different_dtype_each_match_the_trainer_after_every_sync(tm
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def test_an_engine_killed_in_one_pool_fails_only_that_pools_send(tmp_path, one_redis):
+    """The broadcast pool's only engine dies after its first bucket; the store pool's engine still stages every
+    bucket, and the error the sender raises names the failed pool only (what the controller rebuilds)."""
+    model_dir = str(build_tiny_model(tmp_path / "tiny"))
+    trainer = PolicyTrainer(model_dir, lr=5e-3, micro_batch_size=4, grad_accum_steps=1, seed=0)
+    shapes = [(name, tuple(t.shape)) for name, t in module_tensors(trainer.engine.module).items()]
+    links = {
+        "doomed": PoolLink(name="doomed", engines=[0], dtype="float32", transport="broadcast", bucket_mb=0.1),
+        "steady": PoolLink(name="steady", engines=[1], dtype="float16", transport="store", bucket_mb=0.1),
+    }
+    plans = {
+        name: SyncPlan.build(shapes, pool=name, dtype=link.dtype, bucket_mb=link.bucket_mb)
+        for name, link in links.items()
+    }
+    receivers = {"doomed": EngineProcess("doomed", None, die_after_bucket=0), "steady": EngineProcess("steady", None)}
+    try:
+        run_id = f"hetero-{uuid.uuid4().hex[:8]}"
+        for name, link in links.items():
+            receivers[name].send_only("connect", plans[name].to_dict(), _spec(link, one_redis, run_id), 1)
+        senders = {
+            name: PoolSender(plans[name], build_transport(_spec(link, one_redis, run_id), SENDER_RANK), TIMEOUT_S)
+            for name, link in links.items()
+        }
+        for process in receivers.values():
+            process.reply("connect", TIMEOUT_S + 10)
+        tensors = module_tensors(trainer.engine.module)
+        receivers["steady"].send_only("sync", 3, "inflight")
+        with pytest.raises(PoolsFailed) as info:
+            send_to_pools(senders, tensors, 3)
+        assert set(info.value.failures) == {"doomed"}
+        assert re.search(r"pool doomed: trainer failed on bucket \d+ of version 3", info.value.failures["doomed"])
+        restored = pickle.loads(pickle.dumps(info.value))  # how it crosses Ray to the controller
+        assert restored.failures == info.value.failures and str(restored) == str(info.value)
+        receivers["steady"].reply("sync", TIMEOUT_S + 10)
+        staged = receivers["steady"].call("staged")
+        assert all(torch.equal(staged[name], tensor.to(torch.float16)) for name, tensor in tensors.items())
+        for sender in senders.values():
+            sender.close()
+    finally:
+        for process in receivers.values():
+            process.close()
