@@ -6,6 +6,8 @@ A checkpoint is ``RUN_DIR/checkpoints/step-NNNNNN/``:
 - ``run_state.json``: step, policy version and the scheduler's state (counters, prompt cursor,
   prompts to issue again, staleness history);
 - ``config.yaml``: the resolved config the run used;
+- ``trajectories.arrow`` (``run.checkpoint_store=arrow``): the scored groups not yet trained, as an Arrow
+  IPC file (one record batch per group), put back into the store on resume;
 - ``manifest.json``: step, version, creation time and ``{file: {bytes, sha256}}`` for every other file.
 
 Everything is written into ``.tmp-step-NNNNNN`` first and renamed when complete, so a crash while
@@ -30,6 +32,7 @@ from typing import Any
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 RUN_STATE = "run_state.json"
+TRAJECTORIES_FILE = "trajectories.arrow"
 FORMAT = 1
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
@@ -81,6 +84,31 @@ def save_checkpoint(
     os.replace(partial, final)
     prune(root, keep)
     return final
+
+
+def write_groups(folder: Path, groups: list) -> int:
+    """The scored groups (Arrow tables of one schema) into ``folder/trajectories.arrow``, one record batch per
+    group, so a resume puts back the same groups; returns the rows written."""
+    import pyarrow as pa
+
+    if not groups:
+        return 0
+    with pa.OSFile(str(Path(folder) / TRAJECTORIES_FILE), "wb") as sink, pa.ipc.new_file(sink, groups[0].schema) as out:
+        for group in groups:
+            out.write_batch(group.combine_chunks().to_batches()[0])
+    return sum(group.num_rows for group in groups)
+
+
+def read_groups(folder: Path) -> list:
+    """The groups ``write_groups`` kept in a checkpoint, one Arrow table each (none if it kept none)."""
+    import pyarrow as pa
+
+    path = Path(folder) / TRAJECTORIES_FILE
+    if not path.is_file():
+        return []
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        return [pa.Table.from_batches([reader.get_batch(index)]) for index in range(reader.num_record_batches)]
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from asyncrl.checkpoint import RUN_STATE, CheckpointError, list_checkpoints, read_info, verify
+from asyncrl.checkpoint import RUN_STATE, CheckpointError, list_checkpoints, read_groups, read_info, verify
 
 
 def cmd_list(run_dir: Path) -> int:
@@ -43,6 +43,8 @@ def cmd_inspect(folder: Path) -> int:
             f"{key} {state[key]}" for key in ("issued", "trained", "dropped", "next_prompt") if key in state
         )
         print(f"scheduler: {counts}")
+        groups = read_groups(folder)
+        print(f"scored groups kept for the trainer: {len(groups)} ({sum(group.num_rows for group in groups)} samples)")
         print("files: all match their checksums")
         return 0
     for problem in problems:

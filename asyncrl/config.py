@@ -606,6 +606,7 @@ class ResourcesConfig:
 
 
 RESPONSE_LENGTHS = ("fixed", "lognormal")
+CHECKPOINT_STORES = ("arrow", "reissue")
 """Response-length distributions the simulator samples (asyncrl/simulate.py LENGTH_SAMPLERS)."""
 
 
@@ -709,6 +710,10 @@ class RunConfig:
     checksums) every this many optimizer steps and after the last one; 0 writes none."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep; older ones are deleted once a new one is complete."""
+    checkpoint_store: str = "arrow"
+    """What a checkpoint keeps of the store: `arrow` writes the scored groups not yet trained (the trainer's carry
+    and every trajectory entry not yet read) into it as an Arrow IPC file, put back on resume, so only the prompts
+    still generating or being scored are issued again; `reissue` keeps none and issues every outstanding prompt again."""
     max_restarts: int = 3
     """Times Ray restarts a rollout worker whose process died; the controller then starts it again, syncs it to the
     current weights and the worker takes back the prompts it held. 0: a dead rollout worker ends the run."""
@@ -725,6 +730,7 @@ class RunConfig:
         )
         _require(self.checkpoint_every >= 0, f"run.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _one_of("run.checkpoint_store", self.checkpoint_store, CHECKPOINT_STORES)
         _require(self.max_restarts >= 0, f"run.max_restarts must be >= 0, got {self.max_restarts}")
 
 

@@ -18,7 +18,7 @@ from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
 from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir, wandb_options
 from asyncrl.progress import step_progress
-from asyncrl.resume import Resume, purge_store, truncate_run_logs
+from asyncrl.resume import Resume, purge_store, restore_groups, truncate_run_logs
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
 from asyncrl.stages import StageSet
@@ -93,7 +93,8 @@ def _save_checkpoint(cfg: Config, run_dir: Path, step: int, scheduler: Scheduler
 
     def fill(folder: Path) -> None:
         (folder / "config.yaml").write_text(to_yaml(cfg))
-        ray.get(trainer.save_checkpoint.remote(str(folder)), timeout=cfg.run.step_timeout_s)
+        keep_groups = cfg.run.checkpoint_store == "arrow"  # the scored, untrained groups travel with it
+        ray.get(trainer.save_checkpoint.remote(str(folder), keep_groups), timeout=cfg.run.step_timeout_s)
 
     state = {"scheduler": scheduler_state(scheduler)}
     path = save_checkpoint(run_dir, step, scheduler.version, state, fill, keep=cfg.run.keep_checkpoints)
@@ -184,13 +185,14 @@ class Pipeline:
         import ray
 
         ray.get(self.trainer.load_checkpoint.remote(str(resume.checkpoint)), timeout=self.cfg.run.step_timeout_s)
+        kept = restore_groups(self.store, resume.checkpoint)  # run.checkpoint_store=arrow: back into the store
         scheduler = Scheduler.from_state(
-            self.cfg.scheduler, self.cfg.trainer.prompts_per_step, resume.run_state["scheduler"]
+            self.cfg.scheduler, self.cfg.trainer.prompts_per_step, resume.run_state["scheduler"], kept
         )
         self.supervisor.sync(scheduler.version)
         scheduler.on_synced()
-        log.info("resumed from %s at policy version %d; %d prompts to issue again", resume.checkpoint,
-                 scheduler.version, len(scheduler.requeued))  # fmt: skip
+        log.info("resumed from %s at policy version %d; %d groups put back, %d prompts to issue again",
+                 resume.checkpoint, scheduler.version, len(kept), len(scheduler.requeued))  # fmt: skip
         self.idle_before = _idle_seconds(self.rollouts)
         return scheduler
 

@@ -4,8 +4,9 @@
 overrides against the checkpoint's config (``RESUMABLE`` may change, anything else is refused naming
 the key and why), and that steps are left. ``truncate_run_logs`` then cuts metrics.jsonl and
 ledger.jsonl back to the checkpoint, so a step the killed run logged after it is not counted twice.
-The store is not restored: the run's keys are purged and the prompts outstanding at the checkpoint
-are issued again (``Scheduler.from_state``). Torch-free, like the rest of the checkpoint tooling.
+The run's store keys are purged; ``restore_groups`` puts back the scored groups the checkpoint kept
+(``run.checkpoint_store=arrow``) and the other prompts outstanding at the checkpoint are issued again
+(``Scheduler.from_state``). Torch-free, like the rest of the checkpoint tooling.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asyncrl.checkpoint import CheckpointError, load_run_state
+from asyncrl.checkpoint import CheckpointError, load_run_state, read_groups
 from asyncrl.config import Config, ConfigError, load_config, to_dict
 
 log = logging.getLogger(__name__)
 
 RESUMABLE = (
-    "run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.step_timeout_s", "run.progress", "run.wandb",
+    "run.steps", "run.checkpoint_every", "run.keep_checkpoints", "run.checkpoint_store", "run.step_timeout_s", "run.progress", "run.wandb",
     "run.wandb_project", "run.num_cpus", "run.object_store_mb", "run.ray_address", "trainer.lr", "trainer.threads",
     "rollout.threads", "rollout.num_workers", "rollout.max_num_seqs", "rollout.kv_cache_mb", "scheduler.", "store.",
     "sync.", "simulate.", "stages.",
@@ -165,3 +166,15 @@ def purge_store(cfg: Config, url: str) -> int:
         return store.purge()
     finally:
         store.close()
+
+
+def restore_groups(store, checkpoint: Path) -> set[int]:
+    """Put the scored groups a checkpoint kept back on the (purged) trajectory stream, one entry each, before
+    any prompt is issued; returns their prompt indices (not issued again)."""
+    from asyncrl.data import prompt_index
+    from asyncrl.types import Streams
+
+    groups = read_groups(checkpoint)
+    for group in groups:
+        store.put(Streams.TRAJECTORIES, group)
+    return {prompt_index(group.column("prompt_id")[0].as_py()) for group in groups}

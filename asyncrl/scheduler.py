@@ -88,17 +88,23 @@ class Scheduler:
         return cls(cfg, prompts_per_step, version=version, issued=done, trained=done, engine_version=version)
 
     @classmethod
-    def from_state(cls, cfg: SchedulerConfig, prompts_per_step: int, state: dict) -> Scheduler:
+    def from_state(
+        cls, cfg: SchedulerConfig, prompts_per_step: int, state: dict, kept: Iterable[int] = ()
+    ) -> Scheduler:
         """The scheduler of a checkpoint (``asyncrl.checkpoint.scheduler_state``) on a pipeline with nothing in
-        flight: the prompts outstanding at the checkpoint are no longer issued and go first in the re-issue
-        queue, so none is lost and admission counts as it did then."""
-        outstanding = sorted(int(index) for index in state["outstanding"])
+        flight but the groups of the prompts ``kept`` (put back from the checkpoint): the other prompts
+        outstanding at the checkpoint are no longer issued and go first in the re-issue queue, so none is lost,
+        none is trained twice and admission counts as it did then."""
+        saved = {int(index) for index in state["outstanding"]}
+        still = saved & {int(index) for index in kept}
+        outstanding = sorted(saved - still)
         rebuilt = ("prompts_per_step", "issued", "outstanding", "requeued", "staleness_counts")
         return cls(
             cfg,
             prompts_per_step,
             **{key: value for key, value in state.items() if key not in rebuilt},
             issued=state["issued"] - len(outstanding),
+            outstanding=still,
             requeued=deque([*outstanding, *state["requeued"]]),
             staleness_counts=Counter({int(key): count for key, count in state["staleness_counts"].items()}),
         )

@@ -74,21 +74,22 @@ class TrainerWorker:
         ``max_entries`` new entries (one round trip for all the groups already waiting);
         an entry whose payload is broken or of the wrong schema goes to the dead-letter stream.
         """
+        if not self.carry:
+            self._read_entries(max_entries, block_ms=500)
+        return self.carry.pop(0) if self.carry else None
+
+    def _read_entries(self, count: int, block_ms: int) -> int:
+        """Read up to ``count`` new trajectory entries into ``carry``, a group at a time; returns the entries."""
         from trainers.batch import split_groups
 
-        if not self.carry:
-            for entry in self.store.read(
-                Streams.TRAJECTORIES,
-                Groups.TRAINER,
-                "trainer-0",
-                count=max_entries,
-                block_ms=500,
-                expect=TRAJECTORY_SCHEMA,
-            ):
-                groups = split_groups(entry.table)
-                self.entry_groups[entry.id] = len(groups)
-                self.carry.extend((group, entry.id) for group in groups)
-        return self.carry.pop(0) if self.carry else None
+        entries = self.store.read(
+            Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=count, block_ms=block_ms, expect=TRAJECTORY_SCHEMA
+        )
+        for entry in entries:
+            groups = split_groups(entry.table)
+            self.entry_groups[entry.id] = len(groups)
+            self.carry.extend((group, entry.id) for group in groups)
+        return len(entries)
 
     def _consumed(self, entry_id: str, finished: list[str]) -> None:
         self.entry_groups[entry_id] -= 1
@@ -99,13 +100,22 @@ class TrainerWorker:
     def _report_dropped(self, group: pa.Table, meta: dict) -> None:
         self.store.put(Streams.DROPPED, group.select(["prompt_id"]).slice(0, 1), meta)
 
-    def save_checkpoint(self, folder: str) -> None:
+    def save_checkpoint(self, folder: str, keep_groups: bool = False) -> int:
         """Write the policy's engine state, with the tokenizer beside its HF config, into a checkpoint folder
-        (called between steps: nothing is in a step)."""
+        (called between steps: nothing is in a step). ``keep_groups`` (``run.checkpoint_store=arrow``): also every
+        scored group not yet trained, the carried ones and those still unread in the store, which stay carried
+        for the next step as well; returns the rows kept."""
         import os
+
+        from asyncrl.checkpoint import write_groups
 
         self.policy.save_state(folder)
         self.tokenizer.save_pretrained(os.path.join(folder, "hf_config"))
+        if not keep_groups:
+            return 0
+        while self._read_entries(100, block_ms=0):
+            pass
+        return write_groups(folder, [group for group, _ in self.carry])
 
     def load_checkpoint(self, folder: str) -> None:
         """Restore the policy's engine state (module, optimizer, LR schedule) and RNG from a checkpoint folder, at

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncrl.checkpoint import list_checkpoints
+from asyncrl.checkpoint import list_checkpoints, read_groups
 from asyncrl.data import prompt_index
 from tests.e2e.runs import asyncrl, read_jsonl, start_asyncrl, wait_for
 
@@ -49,6 +49,7 @@ def test_kill_sigterm_and_resume_match_an_uninterrupted_run(tmp_path):
     killed.kill()
     killed.wait(timeout=30)
     state_4 = json.loads((fourth / "run_state.json").read_text())["scheduler"]
+    kept_4 = {sample for group in read_groups(fourth) for sample in group.column("sample_id").to_pylist()}
     # The embedded redis-server died with the driver (PR_SET_PDEATHSIG), so nothing of the killed run lingers.
     server_pid = json.loads((run_dir / "redis" / "server.json").read_text())["pid"]
     wait_for("the killed run's redis-server to exit", lambda: not _running(server_pid), reference, 10)
@@ -97,3 +98,6 @@ def test_kill_sigterm_and_resume_match_an_uninterrupted_run(tmp_path):
         if STEPS - version >= 2:  # one step may take newer prompts that finished first; two take all of them
             assert outstanding <= _trained_after(ledger, version), (outstanding, _trained_after(ledger, version))
     assert stopped.version == stopped.step
+    # run.checkpoint_store=arrow: the scored groups kept at step 4 went back to the store and were trained as they
+    # were (the same sample ids), after the resume.
+    assert kept_4 <= {row["sample_id"] for row in ledger if row["trained_at_version"] >= 4}

@@ -59,6 +59,19 @@ def test_a_restored_scheduler_issues_the_outstanding_prompts_first_and_counts_as
     assert restored.staleness_counts == {0: 8}
 
 
+def test_prompts_whose_groups_the_checkpoint_kept_stay_in_flight_and_are_not_issued_again():
+    scheduler = Scheduler(SchedulerConfig(max_staleness=2), prompts_per_step=2)
+    scheduler.take(6)
+    scheduler.on_step(2, [0] * 8, [0, 1])
+    state = json.loads(json.dumps(scheduler_state(scheduler)))
+    restored = Scheduler.from_state(scheduler.cfg, 2, state, kept=[3, 5, 9])  # 9: not outstanding, ignored
+    assert restored.outstanding == {3, 5}
+    assert restored.admissible() == scheduler.admissible() + 2  # only prompts 2 and 4 left the flight
+    assert restored.take(restored.admissible()) == [2, 4, 6, 7]
+    restored.on_step(2, [1] * 8, [3, 5])
+    assert restored.outstanding == {2, 4, 6, 7}
+
+
 def test_allowed_changes_pass_and_frozen_ones_are_named_with_the_reason():
     saved = load_config(TINY)
     check_compatible(saved, load_config(TINY, ["run.steps=20", "trainer.lr=3e-4", "scheduler.max_staleness=2"]))
