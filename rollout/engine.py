@@ -132,6 +132,10 @@ class GenerationEngine:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        if dtype == "bfloat16":
+            from rollout.cpu_amx import allow_amx
+
+            allow_amx()  # vLLM's CPU bfloat16 attention runs AMX tiles, which this process must ask for first
         started = time.perf_counter()
         self.version = version
         self._recompute_kv_on_update = recompute_kv_on_update

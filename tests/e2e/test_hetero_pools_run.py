@@ -1,7 +1,7 @@
 """The tiny job with two rollout pools of different dtype and transport: `fp32` (float32, gloo broadcast)
-and `half` (float16, the store transport, its own bucket size). The run finishes, the engines' version
+and `bf16` (bfloat16, the store transport, its own bucket size). The run finishes, the engines' version
 advances with every step, and both pools generate trajectories sampled by the synced weights. An engine of
-the float16 pool killed mid-run is restarted by Ray and brought back through its own pool's link."""
+the bfloat16 pool killed mid-run is restarted by Ray and brought back through its own pool's link."""
 
 import os
 import signal
@@ -14,7 +14,7 @@ RUN_TIMEOUT_S = 240
 
 POOLS = (
     "resources.pools=[{name: trainers, role: trainer, cpus: 1}, {name: fp32, role: rollout, cpus: 1}, "
-    "{name: half, role: rollout, cpus: 1, dtype: float16, sync_transport: store, sync_bucket_mb: 0.1}]"
+    "{name: bf16, role: rollout, cpus: 1, dtype: bfloat16, sync_transport: store, sync_bucket_mb: 0.1}]"
 )
 
 
@@ -25,7 +25,7 @@ def test_two_rollout_pools_of_different_dtype_and_transport_train(tmp_path):
     )
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert [m["engine_version"] for m in metrics] == [1, 2, 3, 4]
-    # rollout-0 is the fp32 pool's engine, rollout-1 the float16 pool's (placement lays them out pool by pool).
+    # rollout-0 is the fp32 pool's engine, rollout-1 the bfloat16 pool's (placement lays them out pool by pool).
     workers = {row["worker_id"] for row in ledger}
     assert workers == {"rollout-0", "rollout-1"}, workers
     for worker in workers:  # each pool trained on samples of weights that reached it by its own link
@@ -33,7 +33,7 @@ def test_two_rollout_pools_of_different_dtype_and_transport_train(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_engine_of_the_float16_pool_rejoins_by_its_own_pools_link(tmp_path):
+def test_a_killed_engine_of_the_bf16_pool_rejoins_by_its_own_pools_link(tmp_path):
     run_dir, steps = tmp_path / "run", 6
     log = tmp_path / "run.log"
     overrides = ("run.name=hetero", f"run.steps={steps}", "sync.transport=broadcast", "sync.bucket_mb=0.25", POOLS)
@@ -51,6 +51,6 @@ def test_a_killed_engine_of_the_float16_pool_rejoins_by_its_own_pools_link(tmp_p
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     assert metrics[-1]["rollout_restarts"] == 1 and run_pids(run_dir)["rollout-1"] != pid
     assert [m["engine_version"] for m in metrics] == list(range(1, steps + 1))
-    # The restarted float16 engine got newer weights through the store link of its pool (rebuilt with it).
+    # The restarted bfloat16 engine got newer weights through the store link of its pool (rebuilt with it).
     newest = max(row["version_start"] for row in ledger if row["worker_id"] == "rollout-1")
     assert newest > killed_after, (newest, killed_after)
