@@ -27,7 +27,7 @@ from rollout.multiturn import build_driver
 log = logging.getLogger(__name__)
 
 # While decoding with nothing new in sight, look for prompts at most this often: a store round trip per engine
-# step costs a few percent on a small model. A freed group slot or a read that found prompts polls at once.
+# step costs a few percent on a small model. A freed slot or a read that found prompts polls at once.
 BUSY_POLL_S = 0.05
 RATE_HORIZON_S = 2.0  # the decode rate is a mean over about this many recent busy seconds
 
@@ -227,7 +227,7 @@ class RolloutWorker:
         A worker pulls only for itself and only what it can start now, so prompts go to whichever worker has
         room first: a faster one frees room sooner and, with ``rollout.inflight_budget_s``, is allowed more.
         """
-        free_groups = self.cfg.rollout.max_num_seqs // self.cfg.rollout.group_size - len(self.groups)
+        free_groups = self._free_groups()
         if free_groups <= 0:
             return
         idle = self.engine.num_unfinished() == 0
@@ -248,6 +248,15 @@ class RolloutWorker:
             self.entry_groups[entry.id] = len(rows)
             for row in rows:
                 self._add_group(entry.id, row)
+
+    def _free_groups(self) -> int:
+        """Groups the engine has room for now: ``max_num_seqs`` less the unfinished samples (queued, running or between
+        turns), counted per sample, so a group's finished samples free their slots before its last one ends. A group
+        may take the last few free slots: its other samples wait in the engine's queue for the next slot to free, as
+        bare vLLM's ``n`` samples of a prompt do, instead of leaving slots empty until a whole group fits."""
+        rc = self.cfg.rollout
+        unfinished = sum(group.size - len(group.done) for group in self.groups.values())
+        return -(-(rc.max_num_seqs - unfinished) // rc.group_size)
 
     def _reclaim(self) -> int:
         """Take back the prompt entries this worker id read and never acknowledged: Ray restarts a killed
@@ -307,9 +316,9 @@ class RolloutWorker:
         group_id = seq.request_id.rpartition(":")[0]
         group = self.groups[group_id]
         group.done.append(seq)
+        self._poll_now = True  # a slot is free: look for prompts before the next step
         if len(group.done) == group.size:
             del self.groups[group_id]
-            self._poll_now = True
             self._push(group_id, group)
 
     def _push(self, group_id: str, group: _Group) -> None:

@@ -223,9 +223,9 @@ class _Child:
                 engine.add_request(f"load-{issued}", [5 + issued % 50, 17, 42, 9], max_new_tokens=max_new_tokens)
                 issued += 1
             version = engine.version
-            before = _running_tokens(engine)
-            finished = engine.step()
-            tokens = _running_tokens(engine) + sum(len(seq.response_ids) for seq in finished) - before
+            before = engine.tokens_sampled
+            engine.step()
+            tokens = engine.tokens_sampled - before
             self.steps.append((time.monotonic(), tokens, version))
 
     def stop_load(self) -> list[tuple[float, int, int]]:
@@ -243,11 +243,6 @@ class _Child:
             self.receiver.close()
         if self.engine is not None:
             self.engine.close()
-
-
-def _running_tokens(engine) -> int:
-    # The engine hands tokens back only when a sequence finishes; the running ones show progress per step.
-    return sum(len(sequence.response_ids) for sequence in engine._running.values())
 
 
 class _DieAfter:
