@@ -186,11 +186,12 @@ class RewardResult:
 
 
 class _CallThread:
-    """A daemon thread that runs one reward call at a time for a caller that waits with a deadline.
+    """A daemon thread that runs reward calls one at a time for a caller that waits with a deadline per call.
 
-    Handing a call to a live thread costs ~0.1 ms; starting a thread per call cost ~1 ms per sample
-    on a busy rollout worker, a large share of a small model's generation time. After a call runs
-    past its deadline the thread is abandoned: it finishes that call in the background and exits.
+    Handing calls to a live thread costs ~0.1 ms, or more on a loaded machine, so a group's samples go over
+    in one handoff (``call_each``); starting a thread per call cost ~1 ms per sample on a busy rollout worker,
+    a large share of a small model's generation time. After a call runs past its deadline the thread is
+    abandoned: it finishes that call in the background, starts none of the rest, and exits.
     """
 
     def __init__(self, name: str) -> None:
@@ -198,29 +199,48 @@ class _CallThread:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = threading.Event()
         self._idle.set()
+        self._lock = threading.Lock()  # a call starts, or the caller gives up on the rest, never both
+        self._retired = False
+        self._started = 0  # calls of the current list started
         threading.Thread(target=self._serve, name=name, daemon=True).start()
 
     def _serve(self) -> None:
-        while (call := self._calls.get()) is not None:
-            fn, args, kwargs, outcome, done = call
-            try:
-                outcome["value"] = fn(*args, **kwargs)
-            except BaseException as err:  # handed to the caller's thread, which decides what it means
-                outcome["error"] = err
-            self._idle.set()  # before done: the caller's next call clears it only after done
-            done.set()
+        while (job := self._calls.get()) is not None:
+            fn, calls, outcomes, done = job
+            for (args, kwargs), outcome, event in zip(calls, outcomes, done, strict=True):
+                with self._lock:
+                    if self._retired:
+                        break
+                    self._started += 1
+                try:
+                    outcome["value"] = fn(*args, **kwargs)
+                except BaseException as err:  # handed to the caller's thread, which decides what it means
+                    outcome["error"] = err
+                if event is done[-1]:
+                    self._idle.set()  # before done: the caller's next list clears it only after done
+                event.set()
+            else:
+                continue
+            self._idle.set()
 
-    def call(self, fn: RewardFn, args: tuple, kwargs: dict, timeout_s: float) -> dict[str, Any] | None:
-        """``{"value": ...}`` or ``{"error": ...}`` of ``fn(*args, **kwargs)``; None if it ran past ``timeout_s``
-        (then this thread is retired: it exits once the call returns)."""
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
+    def call_each(self, fn: RewardFn, calls: list[tuple[tuple, dict]], timeout_s: float) -> tuple[list[dict], int]:
+        """``{"value": ...}`` or ``{"error": ...}`` of each ``fn(*args, **kwargs)`` in order, and how many calls
+        this thread took: all of them, or, once one runs past ``timeout_s`` (counted from the end of the one
+        before), the outcomes before it and the calls it had started (the first timed out, the last maybe just
+        begun): the thread is then retired and the rest were never started."""
+        outcomes: list[dict[str, Any]] = [{} for _ in calls]
+        done = [threading.Event() for _ in calls]
         self._idle.clear()
-        self._calls.put((fn, args, kwargs, outcome, done))
-        if done.wait(timeout_s):
-            return outcome
-        self._calls.put(None)
-        return None
+        self._started = 0
+        self._calls.put((fn, calls, outcomes, done))
+        for index, event in enumerate(done):
+            if not event.wait(timeout_s):
+                with self._lock:
+                    self._retired = True
+                    started = self._started
+                self._calls.put(None)
+                return outcomes[:index], started
+        return outcomes, len(calls)
 
     def busy(self) -> bool:
         """Whether a call is still running."""
@@ -291,15 +311,42 @@ class RewardScorer:
                 return [err] * len(responses)
             return [self._checked(term, value) for value in values]
         outcomes = []
-        for prompt, response, meta in zip(prompts, responses, metadata, strict=True):
-            try:
-                value = self._call(term, prompt, response, **meta)
-            except Exception as err:  # noqa: BLE001 - a user's reward code may raise anything: the sample fails
-                self._record_failure(term.name, err, 1)
-                outcomes.append(err)
+        calls = [
+            ((prompt, response), dict(meta))
+            for prompt, response, meta in zip(prompts, responses, metadata, strict=True)
+        ]
+        for value in self._call_each(term, calls):
+            if isinstance(value, Exception):  # a user's reward code may raise anything: the sample fails
+                self._record_failure(term.name, value, 1)
+                outcomes.append(value)
                 continue
             outcomes.append(self._checked(term, value))
         return outcomes
+
+    def _call_each(self, term: RewardTerm, calls: list[tuple[tuple, dict]]) -> list[Any]:
+        """Each call's value or the ``Exception`` it raised (a timeout: ``RewardTimeout``), in order; with
+        ``timeout_s`` set, in a daemon thread with a deadline per call (``_CallThread.call_each``)."""
+        if self.timeout_s <= 0:
+            return [_outcome(term.fn, args, kwargs) for args, kwargs in calls]
+        results: list[Any] = []
+        while len(results) < len(calls):
+            caller = self._callers.get(term.name)
+            if caller is None:
+                caller = self._callers[term.name] = _CallThread(f"reward-{term.name}")
+            outcomes, taken = caller.call_each(term.fn, calls[len(results) :], self.timeout_s)
+            for outcome in outcomes:
+                if not isinstance(outcome.get("error", Exception()), Exception):
+                    raise outcome["error"]  # KeyboardInterrupt and the like are no reward failure
+                results.append(outcome["value"] if "value" in outcome else outcome["error"])
+            if taken > len(outcomes):
+                # The thread stays busy with the hung call (and exits after it); later calls get a new one.
+                del self._callers[term.name]
+                self._hung.append(caller)
+                timeout = RewardTimeout(
+                    f"ran past reward.timeout_s={self.timeout_s:g}s; the call goes on in the background"
+                )
+                results.extend([timeout] * (taken - len(outcomes)))
+        return results
 
     def _checked(self, term: RewardTerm, value: object) -> tuple[float, dict] | Exception:
         try:
@@ -312,18 +359,10 @@ class RewardScorer:
         """``term.fn(*args, **kwargs)``, in a daemon thread with a deadline when ``timeout_s`` is set."""
         if self.timeout_s <= 0:
             return term.fn(*args, **kwargs)
-        caller = self._callers.get(term.name)
-        if caller is None:
-            caller = self._callers[term.name] = _CallThread(f"reward-{term.name}")
-        outcome = caller.call(term.fn, args, kwargs, self.timeout_s)
-        if outcome is None:
-            # The thread stays busy with the hung call (and exits after it); later calls get a new one.
-            del self._callers[term.name]
-            self._hung.append(caller)
-            raise RewardTimeout(f"ran past reward.timeout_s={self.timeout_s:g}s; the call goes on in the background")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        (result,) = self._call_each(term, [(args, kwargs)])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def _check_hung(self) -> None:
         self._hung = [caller for caller in self._hung if caller.busy()]
@@ -353,6 +392,14 @@ class RewardScorer:
         if not self.named_components:
             return parts
         return {term.name: value, **{f"{term.name}/{key}": part for key, part in parts.items()}}
+
+
+def _outcome(fn: RewardFn, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)``, or the ``Exception`` it raised."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a user's reward code may raise anything: the caller marks it failed
+        return err
 
 
 def _kind(err: BaseException) -> str:
