@@ -276,7 +276,9 @@ class GenerationEngine:
                 self._aborted.append(sequence.finish(request_id, "abort", state.detokenizer.token_ids, logprobs))
             self._engine.abort_request(known)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> float:
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, recompute_kv: bool | None = None
+    ) -> float:
         """Load Hugging Face-named tensors into the live engine between two steps; return seconds.
 
         ``named_tensors`` is the full parameter set as ``model.named_parameters()`` of the
@@ -285,14 +287,20 @@ class GenerationEngine:
         Pass received tensors, not a lazy network read. With staged updates the engine keeps stepping
         while they are copied beside the live model and pauses only for the swap (milliseconds);
         vLLM's reload (a model the staging cannot map) pauses it for the whole load.
+        ``recompute_kv``: this update's choice instead of ``recompute_kv_on_update``; an engine built with
+        recompute (prefix cache on) must recompute, since its cache could hold old weights' blocks.
         """
+        if recompute_kv is None:
+            recompute_kv = self._recompute_kv_on_update
+        if self._recompute_kv_on_update and not recompute_kv:
+            raise ValueError("recompute_kv=False needs an engine built with recompute_kv_on_update=False")
         named_tensors = list(named_tensors)
         with self._update_lock:  # one update at a time: they share the spare buffers
             staged = self._prepare_staged(named_tensors)
             with self._no_update_pending:
                 self._pending_updates += 1
             try:
-                return self._switch(named_tensors, version, staged)
+                return self._switch(named_tensors, version, staged, recompute_kv)
             finally:
                 with self._no_update_pending:
                     self._pending_updates -= 1
@@ -316,7 +324,9 @@ class GenerationEngine:
             self._staged_updates, self._staged = False, None
             return False
 
-    def _switch(self, named_tensors: list[tuple[str, torch.Tensor]], version: int, staged: bool) -> float:
+    def _switch(
+        self, named_tensors: list[tuple[str, torch.Tensor]], version: int, staged: bool, recompute_kv: bool
+    ) -> float:
         """Make the update live between two steps (the caller raised the update gate); seconds under the lock."""
         with self._lock:
             started = time.perf_counter()
@@ -326,8 +336,8 @@ class GenerationEngine:
                 self._engine.collective_rpc(_reload_weights_on_worker, args=(named_tensors,))
             # Cached KV was computed by the old weights. With recompute, running requests are
             # preempted and re-prefilled by the new weights; either way the prefix cache empties.
-            reset = self._engine.reset_prefix_cache(reset_running_requests=self._recompute_kv_on_update)
-            if self._recompute_kv_on_update and not reset:
+            reset = self._engine.reset_prefix_cache(reset_running_requests=recompute_kv)
+            if recompute_kv and not reset:
                 raise RuntimeError("vLLM could not reset its KV cache after a weight update")
             self.version = version
             self._engine.set_weight_version(str(version))

@@ -71,6 +71,8 @@ class StagedWeights:
         from vllm.platforms import current_platform
 
         self.swap = current_platform.is_cpu()
+        self.pack_in_place = self.swap and not current_platform.is_zen_cpu()
+        """Build a packed weight's handle straight from the delivered tensors when they are contiguous."""
         packed_names = getattr(model, "packed_modules_mapping", {}) or {}
         # q_proj -> (qkv_proj, 0), k_proj -> (qkv_proj, 1), ...: the fused module and the shard's position.
         shard_of = {part: (fused, i) for fused, parts in packed_names.items() for i, part in enumerate(parts)}
@@ -134,8 +136,12 @@ class StagedWeights:
         self.names = frozenset(self.targets) | self.skipped
 
     def prepare(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy the tensors into the spare buffers and build the new GEMM handles; the live model is untouched."""
-        seen = set()
+        """Copy the tensors into the spare buffers and build the new GEMM handles; the live model is untouched.
+
+        A packed weight whose tensors lie back to back in the caller's memory, in row order (a bucket holds
+        ``gate_proj`` then ``up_proj``; ``o_proj`` alone), is packed straight from there: the handle copies
+        what it needs, so the spare is skipped (not with zentorch, whose handle may read the weight later)."""
+        seen, pieces = set(), {}
         for name, tensor in named_tensors:
             target = self.targets.get(name)
             if target is None:
@@ -143,14 +149,27 @@ class StagedWeights:
                     continue
                 raise StagingUnsupported(f"{name}: not in the tensors this map was built for")
             first, rows = target.rows[name]
-            target.spare.narrow(0, first, rows).copy_(tensor.view(rows, *target.shape[1:]))
+            view = tensor.view(rows, *target.shape[1:])
+            if target.removed and self.pack_in_place and view.dtype == target.dtype:
+                pieces.setdefault(id(target), []).append((first, view))
+            else:
+                target.spare.narrow(0, first, rows).copy_(view)
             seen.add(name)
         if len(seen) != len(self.targets):
             missing = sorted(set(self.targets) - seen)
             raise StagingUnsupported(f"the update lacks {len(missing)} tensor(s), e.g. {missing[0]}")
         for target in self._unique:
-            if target.packed:
-                target.handle = _cpu_gemm_handle(target.spare)
+            if not target.packed:
+                continue
+            source = target.spare
+            if id(target) in pieces:
+                parts = sorted(pieces[id(target)], key=lambda part: part[0])
+                source = _back_to_back(parts, target.shape)
+                if source is None:
+                    for first, view in parts:
+                        target.spare.narrow(0, first, view.shape[0]).copy_(view)
+                    source = target.spare
+            target.handle = _cpu_gemm_handle(source)
 
     def commit(self) -> None:
         """Make the prepared weights live (call between two engine steps, under the engine lock)."""
@@ -177,6 +196,22 @@ def _param_shape(module: Any, attr: str, param: Any) -> tuple[int, ...]:
     if param.numel() or attr != "weight":
         return tuple(param.shape)
     return (int(module.output_size_per_partition), int(module.input_size_per_partition))
+
+
+def _back_to_back(parts: list[tuple[int, torch.Tensor]], shape: tuple[int, ...]) -> torch.Tensor | None:
+    """One tensor of ``shape`` over ``parts`` (row ranges in order) if they are contiguous and adjacent in one
+    storage; None otherwise."""
+    import torch
+
+    first_view = parts[0][1]
+    storage, end = first_view.untyped_storage().data_ptr(), first_view.data_ptr()
+    for _, view in parts:
+        if not view.is_contiguous() or view.data_ptr() != end or view.untyped_storage().data_ptr() != storage:
+            return None
+        end += view.numel() * view.element_size()
+    whole = torch.empty(0, dtype=first_view.dtype, device=first_view.device)
+    stride = tuple(int(torch.tensor(shape[i + 1 :]).prod()) for i in range(len(shape)))
+    return whole.set_(first_view.untyped_storage(), first_view.storage_offset(), shape, stride)
 
 
 def _cpu_gemm_handle(weight: torch.Tensor) -> Any:

@@ -25,6 +25,7 @@ import pickle
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -97,33 +98,46 @@ def bench_sync(
         [(n, tuple(t.shape)) for n, t in tensors.items()], pool="bench", dtype="float32", bucket_mb=bucket_mb
     )
     nbytes = plan.nbytes
+    cpus = sorted(os.sched_getaffinity(0))
+    split = len(cpus) >= 2  # decode on a CPU of its own, the sync (both ends) on the others
+    decode_cpus, sync_cpus = ({cpus[-1]}, set(cpus[:-1])) if split else (None, None)
     say(f"model: {nbytes / 1e6:.1f} MB float32, {plan.num_tensors} tensors, {len(plan.buckets)} buckets of "
-        f"<= {bucket_mb:g} MiB; 1 engine (child process), gloo on 127.0.0.1, {torch.get_num_threads()} torch threads here")  # fmt: skip
+        f"<= {bucket_mb:g} MiB; 1 engine (child process) on 127.0.0.1, {torch.get_num_threads()} torch threads here")  # fmt: skip
 
-    engine = EngineProcess("bench", str(model_dir))
+    # Running requests keep their KV cache unless a sync asks for the recompute (both are measured).
+    engine = EngineProcess(
+        "bench", str(model_dir), recompute_kv_on_update=False, decode_cpus=decode_cpus, sync_cpus=sync_cpus
+    )
     try:
         timeout = cfg.sync.timeout_s
-        spec = LinkSpec(
-            pool="bench", transport="broadcast", world_size=2, timeout_s=timeout, port=host_rendezvous(timeout).port
-        )
-        engine.send_only("connect", plan.to_dict(), spec, 1)
-        transport = build_transport(spec, SENDER_RANK)
-        engine.reply("connect", timeout + 10)
-        sender = PoolSender(plan, transport, timeout)
+        port = host_rendezvous(timeout).port
 
-        def ours(version: int) -> float:
-            engine.send_only("receive_only", version)
-            started = time.monotonic()
-            sender.send(tensors, version)
-            return engine.reply("receive_only", timeout + 10) - started
+        def connect(transport_name: str, generation: int) -> PoolSender:
+            spec = LinkSpec(
+                pool="bench", transport=transport_name, world_size=2, timeout_s=timeout, generation=generation,
+                port=port, run_id=f"bench-{os.getpid()}",
+            )  # fmt: skip
+            engine.send_only("connect", plan.to_dict(), spec, 1)
+            transport = build_transport(spec, SENDER_RANK)
+            engine.reply("connect", timeout + 10)
+            return PoolSender(plan, transport, timeout)
+
+        def ours(sender: PoolSender) -> Callable[[int], float]:
+            def measure(version: int) -> float:
+                engine.send_only("receive_only", version)
+                started = time.monotonic()
+                sender.send(tensors, version)
+                return engine.reply("receive_only", timeout + 10) - started
+
+            return measure
 
         def naive(_: int) -> float:
             engine.send_only("naive_receive", len(tensors))
             started = time.monotonic()
             for index, (name, tensor) in enumerate(tensors.items()):
                 payload = pickle.dumps((name, tensor))
-                transport._broadcast(torch.tensor([len(payload)], dtype=torch.int64), f"naive length {index}")
-                transport._broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), f"naive tensor {index}")
+                gloo._broadcast(torch.tensor([len(payload)], dtype=torch.int64), f"naive length {index}")
+                gloo._broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), f"naive tensor {index}")
             return engine.reply("naive_receive", timeout + 10) - started
 
         destination = {name: torch.empty_like(tensor) for name, tensor in tensors.items()}
@@ -134,48 +148,84 @@ def bench_sync(
                 destination[name].copy_(tensor)
             return time.monotonic() - started
 
-        sides = {"in-process copy": copy, "ours (bucketed broadcast)": ours, "naive per-tensor": naive}
-        seconds: dict[str, list[float]] = {side: [] for side in sides}
-        for run in range(repeats + 1):  # run 0 warms up every side
-            for side, measure in sides.items():
-                elapsed = measure(1000 + run)
-                if run:
-                    seconds[side].append(elapsed)
+        seconds: dict[str, list[float]] = {}
+
+        def measure_sides(sides: dict[str, Callable[[int], float]]) -> None:
+            for run in range(repeats + 1):  # run 0 warms up every side
+                for side, measure in sides.items():
+                    elapsed = measure(1000 + run)
+                    if run:
+                        seconds.setdefault(side, []).append(elapsed)
+
+        GLOO, SHM, COPY, NAIVE = "ours (bucketed broadcast)", "ours (shm)", "in-process copy", "naive per-tensor"
+        gloo_sender = connect("broadcast", 0)
+        gloo = gloo_sender.transport
+        measure_sides({COPY: copy, GLOO: ours(gloo_sender), NAIVE: naive})
+        gloo_sender.close()
+        sender = connect("shm", 1)
+        measure_sides({COPY: copy, SHM: ours(sender)})
         medians = {side: statistics.median(values) for side, values in seconds.items()}
-        for side, median in medians.items():
+        for side in (COPY, GLOO, SHM, NAIVE):
             runs = " ".join(f"{nbytes / s / 1e9:.2f}" for s in seconds[side])
+            median = medians[side]
             say(f"{side:<28} {nbytes / median / 1e9:6.2f} GB/s  median {median * 1000:7.1f} ms  (runs GB/s: {runs})")
 
-        # Decode throughput: the same span with and without back-to-back in-flight syncs (receive + switch).
-        engine.call("start_load", DECODE_BATCH, 64)
-        time.sleep(2.0)  # past the load's ramp-up (prefill of the first batch)
-        switch, version, windows = [], 2000, []
-        for _ in range(syncs):
-            version += 1
-            engine.send_only("sync", version, cfg.sync.mode)
-            sender.send(tensors, version)
-            stats = engine.reply("sync", timeout + 10)
-            switch.append(stats["switch_seconds"])
-            windows.append((stats["started"], stats["ended"]))
-        sync_span = windows[-1][1] - windows[0][0]
-        quiet_start = time.monotonic()
-        time.sleep(sync_span)
-        steps = engine.call("stop_load")
-        quiet_end = time.monotonic()
+        # Decode throughput: the same span with and without back-to-back in-flight syncs (receive + switch) over
+        # shm, the trainer's side here confined to the sync CPUs with one torch thread.
+        if split:
+            os.sched_setaffinity(0, sync_cpus)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            engine.send_only("sync", 1999, cfg.sync.mode)  # warm-up: builds the engine's staging map once
+            sender.send(tensors, 1999)
+            engine.reply("sync", timeout + 10)
+            engine.call("start_load", DECODE_BATCH, 64)
+            time.sleep(2.0)  # past the load's ramp-up (prefill of the first batch)
+            windows: dict[bool, list[dict]] = {}
+            version = 2000
+            for recompute in (False, True):
+                for _ in range(syncs):
+                    version += 1
+                    engine.send_only("sync", version, cfg.sync.mode, recompute)
+                    sender.send(tensors, version)
+                    windows.setdefault(recompute, []).append(engine.reply("sync", timeout + 10))
+                time.sleep(0.5)  # the last recompute's re-prefill falls outside the next span
+            sync_span = max(stats[-1]["ended"] - stats[0]["started"] for stats in windows.values())
+            quiet_start = time.monotonic()
+            time.sleep(sync_span)
+            steps = engine.call("stop_load")
+            quiet_end = time.monotonic()
+        finally:
+            torch.set_num_threads(threads)
+            os.sched_setaffinity(0, cpus)
 
         def rate(start: float, end: float) -> float:
             return sum(tokens for stamp, tokens, _ in steps if start < stamp <= end) / (end - start)
 
-        during = rate(windows[0][0], windows[-1][1])
         without = rate(quiet_start, min(quiet_end, quiet_start + sync_span))
+        during = {recompute: rate(stats[0]["started"], stats[-1]["ended"]) for recompute, stats in windows.items()}
+        kept = windows[False]
+        say(f"engine switch: staging beside the live model median "
+            f"{statistics.median(w['switch_seconds'] - w['locked_seconds'] for w in kept) * 1000:.1f} ms, "
+            f"under the engine lock median {statistics.median(w['locked_seconds'] for w in kept) * 1000:.1f} ms "
+            f"over {syncs} syncs")  # fmt: skip
+        pinned = f"decode on CPU {cpus[-1]}, both ends' sync on CPU(s) {cpus[:-1]}" if split else "one CPU, shared"
+        say(f"decode tokens/s ({pinned}): {without:.1f} without a sync, {during[False]:.1f} during {syncs} "
+            f"back-to-back {cfg.sync.mode} shm syncs, {during[True]:.1f} with the KV cache recomputed after each")  # fmt: skip
         say(
-            f"engine switch (reload under its lock): median {statistics.median(switch) * 1000:.1f} ms over {syncs} syncs"
+            f"broadcast/copy bandwidth: gloo {medians[COPY] / medians[GLOO]:.2f}, shm {medians[COPY] / medians[SHM]:.2f}"
         )
-        say(f"decode tokens/s: {without:.1f} without a sync, {during:.1f} during {syncs} back-to-back "
-            f"{cfg.sync.mode} syncs ({sync_span:.2f} s)")  # fmt: skip
-        say(f"broadcast/copy bandwidth: {medians['in-process copy'] / medians['ours (bucketed broadcast)']:.2f}")
-        say(f"decode ratio (during sync/without, {cfg.sync.mode}): {during / max(without, 1e-9):.2f}")
+        say(
+            f"decode ratio (during sync/without, {cfg.sync.mode}): {during[False] / max(without, 1e-9):.2f} "
+            "(running requests keep their KV cache)"
+        )
+        say(
+            f"decode ratio (during sync/without, {cfg.sync.mode}, KV cache recomputed after the switch): "
+            f"{during[True] / max(without, 1e-9):.2f}"
+        )
+        say(f"shm ratio (ours over shm/naive per-tensor over gloo): {medians[NAIVE] / medians[SHM]:.2f}")
         sender.close()
     finally:
         engine.close()
-    say(f"sync ratio (ours/naive per-tensor): {medians['naive per-tensor'] / medians['ours (bucketed broadcast)']:.2f}")
+    say(f"sync ratio (ours/naive per-tensor): {medians[NAIVE] / medians[GLOO]:.2f}")

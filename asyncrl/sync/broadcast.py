@@ -118,6 +118,18 @@ def host_rendezvous(timeout_s: float) -> Rendezvous:
         return next(iter(_hosted.values()))
 
 
+def link_store(spec: LinkSpec) -> Any:
+    """The rendezvous store under this link's prefix (pool and generation): the hosted one in the sender's
+    process, a client of it elsewhere."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    if spec.port in _hosted:
+        base = _hosted[spec.port].store
+    else:
+        base = TCPStore(spec.host, spec.port, is_master=False, timeout=datetime.timedelta(seconds=spec.timeout_s))
+    return PrefixStore(f"asyncrl-sync/{spec.run_id}/{spec.pool}/{spec.generation}", base)
+
+
 class BroadcastTransport:
     """``WeightTransport`` over a torch.distributed broadcast from rank 0 (gloo on CPU, NCCL on CUDA).
 
@@ -125,15 +137,8 @@ class BroadcastTransport:
     """
 
     def __init__(self, spec: LinkSpec, rank: int) -> None:
-        from torch.distributed import PrefixStore, TCPStore
-
         self.spec, self.rank = spec, rank
-        timeout = datetime.timedelta(seconds=spec.timeout_s)
-        if spec.port in _hosted:
-            base = _hosted[spec.port].store
-        else:
-            base = TCPStore(spec.host, spec.port, is_master=False, timeout=timeout)
-        store = PrefixStore(f"asyncrl-sync/{spec.run_id}/{spec.pool}/{spec.generation}", base)
+        store = link_store(spec)
         try:
             self.group = GROUP_BUILDERS[spec.device](store, rank, spec)
         except RuntimeError as err:

@@ -4,11 +4,14 @@
 receiver that only stages buckets) and one end of a pool link, and answers commands over a pipe:
 connect, sample, sync, start/stop a decode load, and report decode timestamps. The child may be
 told to kill itself after staging a given bucket (``die_after_bucket``), which is how a test stops an
-engine mid-sync. Every reply is awaited with a timeout.
+engine mid-sync. ``decode_cpus`` / ``sync_cpus`` pin the decode thread and the thread that receives and
+stages syncs to CPUs of their own (the CPU counterpart of leaving SMs to decode). Every reply is awaited
+with a timeout.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import pickle
@@ -38,6 +41,8 @@ class EngineProcess:
         omp_threads: int = 1,
         die_after_bucket: int | None = None,
         recompute_kv_on_update: bool = True,
+        decode_cpus: set[int] | None = None,
+        sync_cpus: set[int] | None = None,
         start_timeout_s: float = 120.0,
     ) -> None:
         context = multiprocessing.get_context("spawn")  # vLLM and gloo state must not be forked
@@ -49,6 +54,8 @@ class EngineProcess:
             "omp_threads": omp_threads,
             "die_after_bucket": die_after_bucket,
             "recompute_kv_on_update": recompute_kv_on_update,
+            "decode_cpus": decode_cpus,
+            "sync_cpus": sync_cpus,
         }
         self.process = context.Process(
             target=_child_main, args=(child_conn, model_path, options), name=f"engine-{name}", daemon=True
@@ -108,6 +115,8 @@ def _child_main(conn, model_path: str | None, options: dict) -> None:
     os.environ["OMP_NUM_THREADS"] = str(options["omp_threads"])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    if options["sync_cpus"]:  # this thread answers commands: it receives and stages syncs
+        os.sched_setaffinity(0, options["sync_cpus"])
     child = _Child(model_path, options)
     while True:
         command, args = conn.recv()
@@ -135,6 +144,7 @@ class _Child:
                 recompute_kv_on_update=options["recompute_kv_on_update"],
             )
         self.die_after_bucket = options["die_after_bucket"]
+        self.decode_cpus = options["decode_cpus"]
         self.receiver = None
         self.version = 0
         self._load_stop = threading.Event()
@@ -153,10 +163,14 @@ class _Child:
         if self.die_after_bucket is not None:
             self.receiver.transport = _DieAfter(self.receiver.transport, self.die_after_bucket)
 
-    def sync(self, version: int, mode: str) -> dict:
-        """Receive ``version`` and switch to it; returns ReceiveStats plus monotonic start/end stamps."""
+    def sync(self, version: int, mode: str, recompute_kv: bool | None = None) -> dict:
+        """Receive ``version`` and switch to it (``recompute_kv``: see ``GenerationEngine.update_weights``);
+        returns ReceiveStats plus monotonic start/end stamps."""
         started = time.monotonic()
-        apply = self.engine.update_weights if self.engine is not None else self._record
+        if self.engine is not None:
+            apply = functools.partial(self.engine.update_weights, recompute_kv=recompute_kv)
+        else:
+            apply = self._record
         pause = self.engine.paused if (self.engine is not None and mode == "pause") else None
         stats = self.receiver.sync(version, apply, pause)
         return {**asdict(stats), "started": started, "ended": time.monotonic()}
@@ -218,6 +232,8 @@ class _Child:
 
     def _load(self, batch: int, max_new_tokens: int) -> None:
         engine, issued = self.engine, 0
+        if self.decode_cpus:  # on Linux, affinity set with pid 0 is this thread's alone
+            os.sched_setaffinity(0, self.decode_cpus)
         while not self._load_stop.is_set():
             while engine.num_unfinished() < batch:
                 engine.add_request(f"load-{issued}", [5 + issued % 50, 17, 42, 9], max_new_tokens=max_new_tokens)

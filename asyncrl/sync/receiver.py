@@ -26,8 +26,10 @@ class ReceiveStats:
     receive_seconds: float
     """First bucket awaited to last bucket staged (the engine decoded meanwhile in inflight mode)."""
     switch_seconds: float
-    """The engine's pause to load the staged weights."""
+    """Last bucket staged to the new weights live (with staged updates the engine steps meanwhile)."""
     bytes: int
+    locked_seconds: float = 0.0
+    """The part of ``switch_seconds`` under the engine's lock (no step runs): the swap, or vLLM's reload."""
 
 
 class WeightReceiver:
@@ -35,7 +37,12 @@ class WeightReceiver:
 
     def __init__(self, plan: SyncPlan, transport: WeightTransport, device: str = "cpu") -> None:
         self.plan, self.transport = plan, transport
-        self.staging = [plan.empty_bucket(bucket, device) for bucket in plan.buckets]
+        # A transport that writes into the engine's memory itself (shm) allocates the buffers it can reach.
+        allocate = getattr(transport, "staging", None)
+        self.staging = [
+            allocate(bucket.numel, plan.torch_dtype()) if allocate else plan.empty_bucket(bucket, device)
+            for bucket in plan.buckets
+        ]
 
     @classmethod
     def connect(cls, plan_dict: dict, spec: LinkSpec, rank: int) -> WeightReceiver:
@@ -73,14 +80,15 @@ class WeightReceiver:
         if pause is None:
             named = self.receive(version)
             received = time.perf_counter()
-            apply(named, version)
+            locked = apply(named, version)
         else:
             with pause():
                 named = self.receive(version)
                 received = time.perf_counter()
-                apply(named, version)
+                locked = apply(named, version)
         done = time.perf_counter()
-        return ReceiveStats(received - started, done - received, self.plan.nbytes)
+        locked = locked if isinstance(locked, float) else done - received
+        return ReceiveStats(received - started, done - received, self.plan.nbytes, locked)
 
     def close(self) -> None:
         self.transport.close()

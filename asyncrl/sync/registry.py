@@ -7,6 +7,7 @@
 TRANSPORTS: dict[str, str] = {
     "broadcast": "asyncrl.sync.broadcast:BroadcastTransport",
     "store": "asyncrl.sync.store_transport:StoreTransport",
+    "shm": "asyncrl.sync.shm_transport:ShmTransport",
 }
 
 SYNC_MODES: tuple[str, ...] = ("inflight", "pause")

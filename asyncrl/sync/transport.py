@@ -64,6 +64,9 @@ class WeightTransport(Protocol):
     it is in the store), so the sender may reuse ``flat`` afterwards. ``receive`` fills ``out``
     (the engine's staging buffer of exactly the bucket's size) and returns it. Both raise
     ``SyncError`` naming pool, engine and bucket after ``LinkSpec.timeout_s``.
+
+    A transport that writes into the engine's memory from the trainer's side (``shm``) also has
+    ``staging(numel, dtype) -> Tensor``: the receiver then allocates its buffers there.
     """
 
     def send(self, version: int, bucket_index: int, flat: torch.Tensor) -> None: ...

@@ -7,6 +7,9 @@
   ``timeout_s``, a decoding engine keeps decoding, and the rebuilt group syncs the survivors.
 - An engine stopped (SIGSTOP) mid-sync: the engine gloo forwards through it fails naming pool, engine
   and bucket within ``timeout_s``, the decoding engine carries on, and the rebuilt group syncs the rest.
+- The shm transport: log-probs after every sync equal the trainer's; an engine killed or stopped
+  mid-sync fails the trainer's send within ``timeout_s`` naming pool, engine and bucket, the others'
+  waits fail the same way, the decoding engine carries on and a new generation syncs the rest.
 """
 
 from __future__ import annotations
@@ -118,6 +121,10 @@ def test_engine_logprobs_match_the_trainer_after_every_gloo_broadcast(trainer, e
 
 def test_engine_logprobs_match_the_trainer_after_every_store_sync(trainer, engine, redis_url):
     _check_parity(trainer, engine, "store", redis_url)
+
+
+def test_engine_logprobs_match_the_trainer_after_every_shm_sync(trainer, engine):
+    _check_parity(trainer, engine, "shm", "")
 
 
 def _check_parity(trainer: PolicyTrainer, engine: EngineProcess, transport: str, redis_url: str) -> None:
@@ -253,4 +260,48 @@ def test_an_engine_stopped_mid_sync_fails_the_sync_within_the_timeout_and_the_ot
     finally:
         stopped.process.kill()  # SIGKILL ends a stopped process too
         stopped.process.join(timeout=30)
+        bare.close()
+
+
+@pytest.mark.parametrize("fault", ["killed", "stopped"])
+def test_an_engine_lost_mid_shm_sync_fails_it_within_the_timeout_naming_the_engine(trainer, engine, fault):
+    plan = _plan(trainer, f"shm-{fault}")
+    lost = EngineProcess(f"lost-{fault}", None, die_after_bucket=0 if fault == "killed" else None)
+    bare = EngineProcess(f"bare-{fault}", None)
+    try:
+        sender = _connect(plan, _spec(plan.pool, "shm", 3), [engine, lost, bare])
+        engine.call("start_load", 4, 32)
+        tensors = module_tensors(trainer.engine.module)
+        if fault == "stopped":
+            os.kill(lost.process.pid, signal.SIGSTOP)  # alive, silent: a hung engine
+        else:
+            lost.send_only("sync", 100, "inflight")
+        for process in (engine, bare):
+            process.send_only("sync", 100, "inflight")
+        started = time.monotonic()
+        bucket = 1 if fault == "killed" else 0  # the killed one staged bucket 0 before it died
+        with pytest.raises(SyncError, match=rf"pool {plan.pool}: trainer failed on bucket {bucket} of version 100: "
+                           rf"engine 1 did not ask for it within {TIMEOUT_S}s"):  # fmt: skip
+            sender.send(tensors, 100)
+        assert time.monotonic() - started < TIMEOUT_S + SLACK_S
+        for index, process in ((0, engine), (2, bare)):  # each waited for a bucket the trainer never wrote
+            with pytest.raises(EngineProcessError, match=rf"pool {plan.pool}: engine {index} failed on bucket "):
+                process.reply("sync", TIMEOUT_S + SLACK_S)
+        steps = engine.call("stop_load")
+        assert sum(1 for stamp, *_ in steps if stamp > started) > 5  # it kept decoding through the failed sync
+        assert all(version != 100 for *_, version in steps)
+        sender.close()
+
+        survivors = [engine, bare]  # a new generation without the lost engine syncs the others
+        sender = _connect(plan, _spec(plan.pool, "shm", 2, generation=1), survivors)
+        for process in survivors:
+            process.send_only("sync", 101, "inflight")
+        sender.send(tensors, 101)
+        for process in survivors:
+            process.reply("sync", TIMEOUT_S + 10)
+        assert engine.call("sample", PROMPTS[:1], f"after-{fault}", 4)[0]["token_versions"] == [101] * 4
+        sender.close()
+    finally:
+        lost.process.kill()  # SIGKILL ends a stopped process too
+        lost.process.join(timeout=30)
         bare.close()
