@@ -12,10 +12,11 @@
   (``sync_transport``); both default to ``model.dtype`` and ``sync.*``.
 
 Fault tolerance: every call is bounded by ``sync.timeout_s``. An engine whose actor died during a sync
-is dropped from its pool, that pool's group is rebuilt over the survivors (a new generation, so nobody waits on
-the dead rank again) and the run goes on; ``rejoin`` adds a returned engine back. An engine that did not
-finish within the timeout (hung: stopped, deadlocked) raises ``EnginesHung`` naming the pool, the engine
-and the bucket, after it was dropped the same way; the controller kills it so Ray restarts it
+is dropped from its pool, that pool's group is rebuilt over the survivors (a new generation, so nobody
+waits on the dead rank again) and the run goes on; a pool left with no engine is not sent to until one
+returns, and ``rejoin`` adds a returned engine back to its pool. An engine that did not finish within
+the timeout (hung: stopped, deadlocked) raises ``EnginesHung`` naming the pool, the engine and the
+bucket, after it was dropped the same way; the controller kills it so Ray restarts it
 (asyncrl/supervisor.py) and syncs again. Any other failure raises ``SyncError``.
 """
 
@@ -242,11 +243,10 @@ class BucketedSync:
                 log.warning("pool %s: engine(s) %s died or hung during the sync to version %d; rebuilding the "
                             "pool's group without them", link.name, [*dead, *link_hung], version)  # fmt: skip
                 link.live = [i for i in link.live if i not in dead and i not in link_hung]
-                if not link.live:
-                    raise SyncError(
-                        f"pool {link.name}: no engine finished the sync to version {version}: " + "; ".join(errors)
-                    )
-                self._connect(link)
+                if link.live:
+                    self._connect(link)
+                else:  # the pool's group is empty until an engine returns (rejoin); the other pools go on
+                    ray.get(self.trainer.sync_disconnect.remote(link.name), timeout=timeout)
             hung.extend(link_hung)
             if errors:
                 what = "timed out" if link_hung else "failed"

@@ -156,6 +156,12 @@ class TrainerWorker:
         senders[spec.pool] = PoolSender(SyncPlan.from_dict(plan), transport, spec.timeout_s, spec.device)
         self._sync_senders = senders
 
+    def sync_disconnect(self, pool: str) -> None:
+        """Stop sending to ``pool`` (no engine of it is left in its group) until it connects again."""
+        sender = getattr(self, "_sync_senders", {}).pop(pool, None)
+        if sender is not None:
+            sender.close()
+
     def sync_send(self, version: int) -> dict:
         """Send the current weights to every connected pool; ``{pool: seconds}``."""
         from asyncrl.sync.plan import module_tensors

@@ -111,6 +111,8 @@ class PoolsFailed(SyncError):
 def send_to_pools(senders: Mapping[str, PoolSender], tensors: Mapping[str, torch.Tensor], version: int) -> dict:
     """Send ``version`` to every pool at once; ``{pool: SendStats}``. With one pool its error raises as is;
     with several, a failure raises ``PoolsFailed`` after the other pools finished (they do not depend on it)."""
+    if not senders:  # every pool's engines are gone until they come back (asyncrl/weight_sync.py)
+        return {}
     if len(senders) == 1:
         ((pool, sender),) = senders.items()
         return {pool: sender.send(tensors, version)}

@@ -1,9 +1,11 @@
 """The tiny job with two rollout pools of different dtype and transport: `fp32` (float32, gloo broadcast)
 and `bf16` (bfloat16, the store transport, its own bucket size). The run finishes, the engines' version
 advances with every step, and both pools generate trajectories sampled by the synced weights. An engine of
-the bfloat16 pool killed mid-run is restarted by Ray and brought back through its own pool's link."""
+the bfloat16 pool killed (SIGKILL) or stopped (SIGSTOP) mid-run is restarted and brought back through its own
+pool's link while the fp32 pool goes on."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -54,3 +56,37 @@ def test_a_killed_engine_of_the_bf16_pool_rejoins_by_its_own_pools_link(tmp_path
     # The restarted bfloat16 engine got newer weights through the store link of its pool (rebuilt with it).
     newest = max(row["version_start"] for row in ledger if row["worker_id"] == "rollout-1")
     assert newest > killed_after, (newest, killed_after)
+
+
+@pytest.mark.slow
+def test_a_stopped_engine_of_the_bf16_pool_is_caught_restarted_and_resynced_while_the_fp32_pool_goes_on(tmp_path):
+    """The bf16 pool's only engine is stopped (SIGSTOP): caught within sync.timeout_s, killed, restarted and
+    synced again through its pool's link; an error that names a pool names that one, never the fp32 pool."""
+    run_dir, steps, hang_s = tmp_path / "run", 5, 4
+    log = tmp_path / "run.log"
+    overrides = ("run.name=hetero", f"run.steps={steps}", "sync.transport=broadcast", "sync.bucket_mb=0.25",
+                 f"sync.timeout_s={hang_s}", POOLS)  # fmt: skip
+    proc = start_asyncrl(log, "train", "configs/tiny.yaml", "--quiet", f"run.dir={run_dir}", *overrides)
+    stopped = None
+    try:
+        wait_for("the first step", lambda: steps_done(run_dir) >= 1, proc)
+        stopped = run_pids(run_dir)["rollout-1"]
+        os.kill(stopped, signal.SIGSTOP)
+        proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        proc.kill()
+        if stopped is not None:
+            try:  # the run should have killed it; it must not stay stopped either way
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    output = log.read_text()
+    assert proc.returncode == 0, output[-4000:]
+    hung = re.search(rf"rollout worker rollout-1 \(pid {stopped}\) hung: (.*); killing it so Ray restarts it", output)
+    assert hung, output[-4000:]
+    assert "pool fp32" not in hung.group(1) and ("pool " not in hung.group(1) or "pool bf16" in hung.group(1))
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert metrics[-1]["rollout_hangs"] == 1 and metrics[-1]["rollout_restarts"] == 1
+    assert [m["engine_version"] for m in metrics] == list(range(1, steps + 1))
+    assert run_pids(run_dir)["rollout-1"] != stopped
