@@ -2,18 +2,29 @@
 
 What it models (each piece mirrors the real code):
 - Admission (asyncrl/scheduler.py): groups issued minus dropped never exceed
-  ``(version + max_staleness + 1) * prompts_per_step``; the controller issues them on a poll
-  tick while a step runs (``admission_poll_s``; 0 issues as soon as a slot opens).
-- Engines (rollout/worker.py): each takes whole groups while ``max_num_seqs // group_size``
-  has room, and decodes its running sequences together (continuous batching): one decode step
-  costs ``engine_step_s * (1 + engine_seq_share * (running - 1)) / pool speed`` and gives every
-  running sequence a token. A group is scored ``reward_s`` after its last sample ends.
+  ``(version + max_staleness + 1) * prompts_per_step``. The controller (``_await_step``) issues
+  what admission allows as soon as a step starts, then again on every ``admission_poll_s`` tick
+  until the step ends; each poll reads the trainer's drops after issuing, so a dropped group's
+  slot is refilled one poll later (``admission_poll_s=0``: as soon as a slot opens).
+- Engines (rollout/worker.py): each takes whole groups (one store entry each) at once while
+  ``max_num_seqs // group_size`` has room (an idle worker's blocked read wakes on the first
+  entry and reads again at once after a read that found some), and decodes its running
+  sequences together (continuous batching): one decode step costs
+  ``engine_step_s * (1 + engine_seq_share * (running - 1)) / pool speed`` and gives every
+  running sequence a token. A group reaches the trainer ``reward_s`` after its last sample
+  ends (scoring off the engine, a reward stage, the store hand-off).
 - Trainer (trainers/worker.py): consumes completed groups in completion order, drops one
   whose ``version_start`` is over the bound, trains each accepted group as it arrives
   (streaming micro-batches), and ends the step ``step_overhead_s`` after the last one.
 - Sync (asyncrl/controller.py): after each step, ``sync_latency_s + model_gb / link_gbps``
-  during which the trainer waits and every engine pauses; engines then sample at the new
-  version.
+  during which the trainer waits. The engines keep decoding at the old version (staged weights
+  swap in between two engine steps) unless ``sync.mode=pause`` with a bucketed transport, where
+  every engine pauses for the whole sync; engines then sample at the new version.
+
+Calibration (``calibrate``) takes every cost a run's metrics.jsonl measures (training tokens/s,
+sync, step overhead, the engines' decode rate from ``rollout_decode_by_worker``) and fits only
+``reward_s``, the hand-off latency, to the measured trainer wait; a fit that ends at a bound of
+its range is reported as such.
 
 Progress between events is fluid (sequences advance by fractional tokens), so a run of many
 engines and long responses costs one event per sequence, not per token.
@@ -55,6 +66,7 @@ class Result:
     trainer_wait_seconds: float
     trainer_idle: float
     rollout_idle: float
+    decode_tokens_per_s: float  # an engine's tokens per busy second, as rollout_decode_by_worker measures it
     staleness_mean: float
     staleness_max: int
     dropped_groups: int
@@ -76,6 +88,7 @@ class _Engine:
     updated_at: float = 0.0
     paused_until: float = 0.0
     busy: float = 0.0
+    tokens: float = 0.0  # sampled since the start
     epoch: int = 0  # bumps whenever its next-finish event is superseded
 
 
@@ -96,11 +109,13 @@ class _Pipeline:
             for _ in range(count)
         ]
         self.sync_s = sim.sync_latency_s + (sim.model_gb / sim.link_gbps if sim.link_gbps > 0 else 0.0)
+        self.sync_pauses = cfg.sync.mode == "pause" and cfg.sync.transport != "object_store"  # else in flight
         self.events: list[tuple[float, int, str, object]] = []
         self.order = itertools.count()
         self.now = 0.0
         self.version = 0
         self.issued = self.dropped = 0
+        self.dropped_seen = 0  # drops the controller has read: only these free admission slots
         self.queue: deque[_Group] = deque()  # issued, not yet taken by an engine
         self.ready: deque[_Group] = deque()  # scored, not yet consumed by the trainer
         self.accepted = 0
@@ -130,22 +145,26 @@ class _Pipeline:
         self.in_step, self.step_started, self.step_compute, self.accepted = True, self.now, 0.0, 0
         self.step_tokens = 0.0
         self.trainer_free_at = self.now
-        if self.sim.admission_poll_s > 0:
-            self._at(self.now + self.sim.admission_poll_s, "poll", self.version)
-        else:
-            self._issue()
+        self._poll()  # the controller issues before its first wait: the step's prompts go out now
         while self.ready and self.accepted < self.batch:
             self._consume(self.ready.popleft())
 
     def _on_poll(self, version: int) -> None:
         if not self.in_step or version != self.version:
             return  # the controller polls only while waiting on this step
+        self._poll()
+
+    def _poll(self) -> None:
+        """One pass of the controller's loop: issue what admission allows, then read the drops (they free
+        their slots for the next pass), then wait a tick for the step."""
         self._issue()
-        self._at(self.now + self.sim.admission_poll_s, "poll", version)
+        self.dropped_seen = self.dropped
+        if self.sim.admission_poll_s > 0:
+            self._at(self.now + self.sim.admission_poll_s, "poll", self.version)
 
     def _issue(self) -> None:
         window = (self.version + self.max_staleness + 1) * self.batch
-        for _ in range(max(0, window - (self.issued - self.dropped))):
+        for _ in range(max(0, window - (self.issued - self.dropped_seen))):
             lengths = [self._length() for _ in range(self.group_size)]
             self.queue.append(_Group(lengths=lengths, remaining=list(lengths)))
             self.issued += 1
@@ -167,6 +186,7 @@ class _Pipeline:
         if self.now > start and engine.running:
             tokens = (self.now - start) / self._step_time(engine)
             for group in engine.running:
+                engine.tokens += sum(min(r, tokens) for r in group.remaining if r > 0)
                 group.remaining = [max(0.0, r - tokens) if r > 0 else r for r in group.remaining]
             engine.busy += self.now - start
         engine.updated_at = max(self.now, engine.updated_at)
@@ -211,8 +231,9 @@ class _Pipeline:
 
     def _consume(self, group: _Group) -> None:
         if self.version - group.version_start > self.max_staleness:
-            self.dropped += 1  # its admission slot opens; the controller issues a replacement
+            self.dropped += 1  # its admission slot opens once the controller reads the drop
             if self.sim.admission_poll_s == 0:
+                self.dropped_seen = self.dropped
                 self._issue()
             return
         self.staleness.append(self.version - group.version_start)
@@ -226,7 +247,7 @@ class _Pipeline:
 
     def _on_step_done(self, _payload: object) -> None:
         self.in_step = False
-        for index, engine in enumerate(self.engines):
+        for index, engine in enumerate(self.engines if self.sync_pauses else []):
             self._advance(engine)
             engine.paused_until = self.now + self.sync_s
             self._schedule(index)
@@ -237,6 +258,8 @@ class _Pipeline:
         for engine in self.engines:
             engine.version = self.version
         wait = trained_at - self.step_started - self.step_compute - self.sim.step_overhead_s
+        for engine in self.engines:
+            self._advance(engine)
         self.step_log.append(
             {
                 "end": self.now,
@@ -244,6 +267,8 @@ class _Pipeline:
                 "wait": max(0.0, wait),
                 "busy": self.step_compute,
                 "tokens": self.step_tokens,
+                "engine_busy": sum(e.busy for e in self.engines),  # since the start, all engines
+                "engine_tokens": sum(e.tokens for e in self.engines),
             }
         )
         self._start_step()
@@ -253,10 +278,9 @@ class _Pipeline:
         start = self.step_log[0]["end"]
         span = self.step_log[-1]["end"] - start
         busy = sum(s["busy"] for s in measured) + len(measured) * (self.sim.step_overhead_s + self.sync_s)
-        for engine in self.engines:
-            self.now = self.step_log[-1]["end"]
-            self._advance(engine)
-        engine_busy = sum(e.busy for e in self.engines) / len(self.engines)
+        first, last = self.step_log[0], self.step_log[-1]
+        engine_busy = last["engine_busy"] - first["engine_busy"]
+        engine_tokens = last["engine_tokens"] - first["engine_tokens"]
         return Result(
             max_staleness=self.max_staleness,
             trainers=self.trainers,
@@ -266,7 +290,8 @@ class _Pipeline:
             step_seconds=span / len(measured),
             trainer_wait_seconds=sum(s["wait"] for s in measured) / len(measured),
             trainer_idle=max(0.0, 1 - busy / span),
-            rollout_idle=max(0.0, 1 - engine_busy / self.step_log[-1]["end"]),
+            rollout_idle=max(0.0, 1 - engine_busy / (span * len(self.engines))),
+            decode_tokens_per_s=engine_tokens / engine_busy if engine_busy > 0 else 0.0,
             staleness_mean=sum(self.staleness) / len(self.staleness),
             staleness_max=max(self.staleness),
             dropped_groups=self.dropped,
@@ -323,26 +348,43 @@ class Measured:
     run_dir: str
     cfg: Config
     samples_per_s: float
-    trainer_wait_seconds: float
-    train_tokens_per_s: float
-    sync_seconds: float
-    step_overhead_s: float
+    trainer_wait_seconds: float  # mean per step
+    train_tokens_per_s: float  # response tokens per second of trainer compute (forward, backward, optimizer)
+    sync_seconds: float  # mean per step
+    step_overhead_s: float  # mean per step of step_seconds - wait - compute - sync; may come out negative
     response_tokens_mean: float
+    decode_tokens_per_s: float  # the engines' sampled tokens per busy second (rollout_decode_by_worker)
+    decode_busy_seconds: float  # engine busy seconds those tokens took, all workers
+    step_seconds: float  # mean per step
     steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """The simulate.* costs fitted to some runs, and what the fit could not do (a fit at a bound of its range)."""
+
+    sim: SimulateConfig
+    notes: tuple[str, ...] = ()
 
 
 def measure(run_dir: str | Path) -> Measured:
     run_dir = Path(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steady = records[1:] or records
     if len(records) < 3:
         raise ValueError(f"{run_dir}: calibration needs at least 3 steps in metrics.jsonl, found {len(records)}")
+    if any("rollout_decode_by_worker" not in r for r in records):
+        raise ValueError(f"{run_dir}: metrics.jsonl lacks rollout_decode_by_worker (the engines' decode rate); "
+                         "calibrate from a run of this version")  # fmt: skip
+    steady = records[1:]
     tokens = [r["samples_trained"] * r["response_tokens_mean"] for r in steady]
     compute = [t / r["train_tokens_per_s"] for t, r in zip(tokens, steady, strict=True)]
     overhead = [
         r["step_seconds"] - r["trainer_wait_seconds"] - c - r["sync_seconds"]
         for r, c in zip(steady, compute, strict=True)
     ]
+    decode_tokens, decode_busy = _decode_deltas(records)
+    if decode_busy <= 0:
+        raise ValueError(f"{run_dir}: rollout_decode_by_worker shows no engine busy time over steps 2..{len(records)}")
     cfg = load_config(run_dir / "config.yaml")
     return Measured(
         run_dir=str(run_dir),
@@ -351,10 +393,26 @@ def measure(run_dir: str | Path) -> Measured:
         trainer_wait_seconds=sum(r["trainer_wait_seconds"] for r in steady) / len(steady),
         train_tokens_per_s=sum(tokens) / sum(compute),
         sync_seconds=sum(r["sync_seconds"] for r in steady) / len(steady),
-        step_overhead_s=max(0.0, sum(overhead) / len(overhead)),
+        step_overhead_s=sum(overhead) / len(overhead),
         response_tokens_mean=sum(tokens) / sum(r["samples_trained"] for r in steady),
+        decode_tokens_per_s=decode_tokens / decode_busy,
+        decode_busy_seconds=decode_busy,
+        step_seconds=sum(r["step_seconds"] for r in steady) / len(steady),
         steps=len(records),
     )
+
+
+def _decode_deltas(records: list[dict]) -> tuple[float, float]:
+    """Tokens sampled and busy seconds of all rollout workers from the end of step 1 to the last step. The counters
+    are cumulative per worker; a restarted worker counts from zero again, so a fall is a restart."""
+    tokens = busy = 0.0
+    for before, now in itertools.pairwise(records):
+        for name, counters in now["rollout_decode_by_worker"].items():
+            then = before["rollout_decode_by_worker"].get(name, {"tokens": 0, "busy_seconds": 0.0})
+            restarted = counters["tokens"] < then["tokens"] or counters["busy_seconds"] < then["busy_seconds"]
+            tokens += counters["tokens"] - (0 if restarted else then["tokens"])
+            busy += counters["busy_seconds"] - (0.0 if restarted else then["busy_seconds"])
+    return tokens, busy
 
 
 def as_run(measured: Measured, sim: SimulateConfig) -> Config:
@@ -362,30 +420,73 @@ def as_run(measured: Measured, sim: SimulateConfig) -> Config:
     return dataclasses.replace(measured.cfg, simulate=dataclasses.replace(sim, steps=measured.steps, calibrate_from=[]))
 
 
-def calibrate(sim: SimulateConfig, runs: list[Measured]) -> SimulateConfig:
-    """``sim`` with the runs' measured training, sync and overhead costs, their mean response length, and the
-    ``engine_step_s`` whose simulated trainer wait matches the measured one (bisection; the wait grows with it)."""
+def calibrate(sim: SimulateConfig, runs: list[Measured]) -> Calibration:
+    """``sim`` with the runs' measured costs: training tokens/s, sync seconds, step overhead and mean response
+    length as measured; ``engine_step_s`` such that the simulated engines decode at the measured tokens per busy
+    second (at ``engine_seq_share``); ``reward_s`` (the hand-off latency, the one cost no metric holds) fitted so
+    the simulated trainer wait matches the measured one. Pooled over ``runs``."""
+    notes = []
+    overhead = sum(m.step_overhead_s for m in runs) / len(runs)
+    if overhead < 0:
+        notes.append(f"step_overhead_s measured {overhead:.4g} s/step (< 0: the parts overlap); using 0")
+    trained = [m.response_tokens_mean * m.cfg.samples_per_step * (m.steps - 1) for m in runs]  # tokens, steps 2..N
     calibrated = dataclasses.replace(
         sim,
-        train_tokens_per_s=sum(m.train_tokens_per_s for m in runs) / len(runs),
+        train_tokens_per_s=sum(trained) / sum(t / m.train_tokens_per_s for t, m in zip(trained, runs, strict=True)),
         sync_latency_s=sum(m.sync_seconds for m in runs) / len(runs),
         model_gb=0.0,
-        step_overhead_s=sum(m.step_overhead_s for m in runs) / len(runs),
+        step_overhead_s=max(0.0, overhead),
         response_length="fixed",
         length_median=sum(m.response_tokens_mean for m in runs) / len(runs),
         reward_s=0.0,
     )
-    measured_wait = sum(m.trainer_wait_seconds for m in runs)
+    decode = sum(m.decode_tokens_per_s * m.decode_busy_seconds for m in runs) / sum(m.decode_busy_seconds for m in runs)
+    for _ in range(2):  # the hand-off latency shifts how many sequences run together, and so the decode rate
+        calibrated, engine_note = _fit_engine_step(calibrated, runs, decode)
+        calibrated, wait_note = _fit_handoff(calibrated, runs)
+    notes += [note for note in (engine_note, wait_note) if note]
+    return Calibration(calibrated, tuple(notes))
 
-    def simulated_wait(engine_step_s: float) -> float:
-        trial = dataclasses.replace(calibrated, engine_step_s=engine_step_s)
+
+def _fit_engine_step(sim: SimulateConfig, runs: list[Measured], decode: float) -> tuple[SimulateConfig, str]:
+    """``engine_step_s`` whose simulated decode rate (busy-weighted over ``runs``) is ``decode`` tokens/s: the rate
+    scales as 1 / engine_step_s at a given batch, so a few fixed-point passes settle it."""
+    weights = [m.decode_busy_seconds for m in runs]
+    for _ in range(30):
+        rates = [simulate(as_run(m, sim)).decode_tokens_per_s for m in runs]
+        simulated = sum(r * w for r, w in zip(rates, weights, strict=True)) / sum(weights)
+        if simulated <= 0:
+            return sim, "engine_step_s not fitted: the simulated engines never ran in steps 2..N"
+        sim = dataclasses.replace(sim, engine_step_s=sim.engine_step_s * simulated / decode)
+        if abs(simulated / decode - 1) < 1e-4:
+            return sim, ""
+    return sim, f"engine_step_s fit did not settle: last simulated decode rate {simulated:.4g} vs measured {decode:.4g}"
+
+
+def _fit_handoff(sim: SimulateConfig, runs: list[Measured]) -> tuple[SimulateConfig, str]:
+    """``reward_s`` in [0, the longest mean step] whose simulated trainer wait (summed over ``runs``) matches the
+    measured one, by bisection (the wait grows with it); a target outside the range ends at the bound, said so.
+    Where no latency already matches (within 0.1% of a step, as for a trainer that never waits), it is 0."""
+    measured = sum(m.trainer_wait_seconds for m in runs)
+    tolerance = 1e-3 * sum(m.step_seconds for m in runs)
+
+    def waited(reward_s: float) -> float:
+        trial = dataclasses.replace(sim, reward_s=reward_s)
         return sum(simulate(as_run(m, trial)).trainer_wait_seconds for m in runs)
 
-    low, high = 1e-6, 10.0
+    low, high = 0.0, max(m.step_seconds for m in runs)
+    at_low, at_high = waited(low), waited(high)
+    per_step = f"measured {measured / len(runs):.4g} s/step"
+    if at_low >= measured - tolerance:
+        note = f"reward_s at its lower bound 0: the simulated trainer wait {at_low / len(runs):.4g} s/step > {per_step}"
+        return dataclasses.replace(sim, reward_s=low), note if at_low > measured + tolerance else ""
+    if at_high < measured:
+        note = f"reward_s at its upper bound {high:.4g}: the simulated trainer wait {at_high / len(runs):.4g} s/step "
+        return dataclasses.replace(sim, reward_s=high), note + f"< {per_step}"
     for _ in range(40):
-        middle = math.sqrt(low * high)
-        low, high = (middle, high) if simulated_wait(middle) < measured_wait else (low, middle)
-    return dataclasses.replace(calibrated, engine_step_s=math.sqrt(low * high))
+        middle = (low + high) / 2
+        low, high = (middle, high) if waited(middle) < measured else (low, middle)
+    return dataclasses.replace(sim, reward_s=(low + high) / 2), ""
 
 
 # report --------------------------------------------------------------------------------------
@@ -394,19 +495,9 @@ def report(cfg: Config) -> str:
     lines = []
     if cfg.simulate.calibrate_from:
         runs = [measure(path) for path in cfg.simulate.calibrate_from]
-        cfg = dataclasses.replace(cfg, simulate=calibrate(cfg.simulate, runs))
-        sim = cfg.simulate
-        lines.append(
-            f"calibrated from {len(runs)} run(s): engine_step_s={sim.engine_step_s:.4g} "
-            f"train_tokens_per_s={sim.train_tokens_per_s:.4g} sync_latency_s={sim.sync_latency_s:.4g} "
-            f"step_overhead_s={sim.step_overhead_s:.4g} length_median={sim.length_median:.4g}"
-        )
-        for m in runs:
-            predicted = simulate(as_run(m, sim)).samples_per_s
-            lines.append(
-                f"  {m.run_dir} (max_staleness={m.cfg.scheduler.max_staleness}): real {m.samples_per_s:.2f} "
-                f"samples/s, predicted {predicted:.2f} ({100 * (predicted / m.samples_per_s - 1):+.1f}%)"
-            )
+        pooled = calibrate(cfg.simulate, runs)
+        cfg = dataclasses.replace(cfg, simulate=pooled.sim)
+        lines += _calibration_lines(cfg.simulate, runs, pooled)
     sim = cfg.simulate
     length = (
         f"fixed {sim.length_median or cfg.rollout.max_new_tokens:g}"
@@ -439,3 +530,29 @@ def report(cfg: Config) -> str:
             f"{best.samples_per_s:.3f} samples/s = {best.samples_per_s / best_sync:.2f}x the best synchronous split"
         )
     return "\n".join(lines)
+
+
+def _calibration_lines(sim: SimulateConfig, runs: list[Measured], pooled: Calibration) -> list[str]:
+    """The fitted costs, what the fit could not do, and each run's real samples/s against the prediction (with
+    several runs also from that run's own calibration alone: runs on a shared machine see different loads)."""
+    decode = sum(m.decode_tokens_per_s * m.decode_busy_seconds for m in runs) / sum(m.decode_busy_seconds for m in runs)
+    lines = [
+        f"calibrated from {len(runs)} run(s): engine_step_s={sim.engine_step_s:.4g} (measured decode "
+        f"{decode:.4g} tokens/s per busy engine) reward_s={sim.reward_s:.4g} (fitted hand-off latency) "
+        f"train_tokens_per_s={sim.train_tokens_per_s:.4g} sync_latency_s={sim.sync_latency_s:.4g} "
+        f"step_overhead_s={sim.step_overhead_s:.4g} length_median={sim.length_median:.4g}",
+        *(f"  note: {note}" for note in pooled.notes),
+    ]
+    for m in runs:
+        predicted = simulate(as_run(m, sim)).samples_per_s
+        line = (
+            f"  {m.run_dir} (max_staleness={m.cfg.scheduler.max_staleness}): real {m.samples_per_s:.2f} "
+            f"samples/s, predicted {predicted:.2f} ({100 * (predicted / m.samples_per_s - 1):+.1f}%)"
+        )
+        if len(runs) > 1:
+            alone = calibrate(sim, [m])
+            predicted = simulate(as_run(m, alone.sim)).samples_per_s
+            line += f"; from this run alone {predicted:.2f} ({100 * (predicted / m.samples_per_s - 1):+.1f}%)"
+            line += "".join(f" [{note}]" for note in alone.notes)
+        lines.append(line)
+    return lines

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from asyncrl.config import load_config, to_yaml
-from asyncrl.simulate import _Pipeline, calibrate, measure, report, simulate, splits
+from asyncrl.simulate import _decode_deltas, _Pipeline, as_run, calibrate, measure, report, simulate, splits
 
 # One prompt of 2 samples per step, 10 tokens each; a decode step costs 10 ms whatever the batch
 # (engine_seq_share=0), so a group takes 0.1 s; training 20 tokens at 200 tokens/s takes 0.1 s.
@@ -37,6 +37,19 @@ def test_sync_cost_comes_from_the_link_bandwidth():
     assert simulate(cfg, max_staleness=0).step_seconds == pytest.approx(0.2 + 0.1 + 0.05)
 
 
+@pytest.mark.parametrize(
+    ("sync", "step_seconds"),
+    [(["sync.mode=inflight"], 0.2), (["sync.mode=pause", "sync.transport=broadcast"], 0.3),
+     (["sync.mode=pause", "sync.transport=object_store"], 0.2)],
+)  # fmt: skip
+def test_engines_decode_through_a_sync_unless_it_pauses_them(sync, step_seconds):
+    """One group at a time taking 0.2 s, training 0.1 s, sync 0.1 s, k=1: decoding in flight hides the sync; a
+    pausing (bucketed) sync takes it out of the engine's time. The object store transport never pauses engines."""
+    slow = ["rollout.max_num_seqs=2", "simulate.engine_step_s=0.02", "simulate.sync_latency_s=0.1"]
+    cfg = load_config(None, [*HAND, *slow, *sync])
+    assert simulate(cfg, max_staleness=1).step_seconds == pytest.approx(step_seconds)
+
+
 def test_the_slower_stage_bounds_the_asynchronous_step():
     cfg = load_config(None, [*HAND, "simulate.train_tokens_per_s=50"])  # training 0.4 s, generation 0.1 s
     assert simulate(cfg, max_staleness=0).step_seconds == pytest.approx(0.5)
@@ -65,24 +78,95 @@ def test_report_lists_every_sweep_point():
     assert "2.00x" in text and text.count("\n") >= 4
 
 
-def test_calibration_recovers_the_engine_cost_of_a_run(tmp_path):
-    """A 'run' written by the model itself with a known engine_step_s: calibration finds it again."""
-    truth = load_config(None, ["simulate.engine_step_s=0.02", "simulate.steps=8", "scheduler.max_staleness=0"])
-    pipeline = _Pipeline(truth, 0, 1, [("rollout", 1)])
+def test_a_step_issues_its_prompts_before_the_first_poll_tick():
+    """The controller issues first and then waits a poll tick: k=0 generation starts with the step, not a tick later."""
+    cfg = load_config(None, [*HAND, "simulate.admission_poll_s=0.5"])
+    assert simulate(cfg, max_staleness=0).step_seconds == pytest.approx(0.2)
+
+
+def test_a_dropped_groups_slot_is_refilled_one_poll_after_the_drop_is_read():
+    """Each poll issues, then reads the drops: the slot a drop frees is used by the next poll, not the one reading it."""
+    pipeline = _Pipeline(load_config(None, HAND), 0, 1, [("rollout", 1)])
+    pipeline._poll()
+    assert pipeline.issued == 1
+    pipeline.dropped = 1  # the trainer dropped that group
+    pipeline._poll()
+    assert pipeline.issued == 1
+    pipeline._poll()
+    assert pipeline.issued == 2
+
+
+def test_the_simulated_decode_rate_is_tokens_per_busy_engine_second():
+    # 2 sequences at 10 ms per decode step (engine_seq_share=0): 200 tokens per busy second, idle while training.
+    result = simulate(load_config(None, HAND), max_staleness=0)
+    assert result.decode_tokens_per_s == pytest.approx(200.0)
+    assert result.rollout_idle == pytest.approx(0.5)
+
+
+def _write_run(folder, cfg, max_staleness=0, wait_offset=0.0):
+    """A 'run' written by the model itself: metrics.jsonl as the controller writes it (with ``wait_offset`` more
+    trainer wait per step than the model had), and config.yaml."""
+    pipeline = _Pipeline(cfg, max_staleness, 1, [("rollout", 1)])
     pipeline.run()
-    samples = truth.samples_per_step
-    length = truth.rollout.max_new_tokens
     records = [
         {
-            "step": i + 1, "samples_trained": samples, "response_tokens_mean": length,
-            "train_tokens_per_s": s["tokens"] / s["busy"], "trainer_wait_seconds": s["wait"],
-            "sync_seconds": 0.0, "step_seconds": s["seconds"],
+            "step": i + 1, "samples_trained": cfg.samples_per_step, "response_tokens_mean": s["tokens"] / cfg.samples_per_step,
+            "train_tokens_per_s": s["tokens"] / s["busy"], "trainer_wait_seconds": s["wait"] + wait_offset,
+            "sync_seconds": 0.0, "step_seconds": s["seconds"] + wait_offset,
+            "rollout_decode_by_worker": {"rollout-0": {"tokens": s["engine_tokens"], "busy_seconds": s["engine_busy"]}},
         }
         for i, s in enumerate(pipeline.step_log)
     ]  # fmt: skip
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "config.yaml").write_text(to_yaml(truth))
-    measured = measure(tmp_path)
-    sim = calibrate(dataclasses.replace(truth.simulate, engine_step_s=1.0), [measured])
-    assert sim.engine_step_s == pytest.approx(0.02, rel=0.02)
-    assert sim.train_tokens_per_s == pytest.approx(truth.simulate.train_tokens_per_s, rel=1e-6)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_calibration_recovers_the_engine_cost_and_hand_off_latency_of_a_run(tmp_path, max_staleness):
+    truth = load_config(
+        None,
+        ["simulate.engine_step_s=0.02", "simulate.reward_s=0.3", "simulate.steps=8", "simulate.train_tokens_per_s=500",
+         f"scheduler.max_staleness={max_staleness}"],
+    )  # fmt: skip
+    measured = measure(_write_run(tmp_path, truth, max_staleness))
+    fitted = calibrate(dataclasses.replace(truth.simulate, engine_step_s=1.0, reward_s=0.0), [measured])
+    assert fitted.notes == ()
+    assert fitted.sim.engine_step_s == pytest.approx(0.02, rel=0.01)
+    assert fitted.sim.train_tokens_per_s == pytest.approx(truth.simulate.train_tokens_per_s, rel=1e-6)
+    if max_staleness == 0:  # at k=2 the trainer never waits here: no wait to fit the latency to
+        assert fitted.sim.reward_s == pytest.approx(0.3, rel=0.01)
+    assert simulate(as_run(measured, fitted.sim)).samples_per_s == pytest.approx(measured.samples_per_s, rel=0.01)
+
+
+def test_a_fit_at_its_bound_is_reported(tmp_path):
+    """A run that waited less than the model can with no latency at all: reward_s ends at 0 and the report says so."""
+    truth = load_config(None, ["simulate.engine_step_s=0.02", "simulate.steps=8", "scheduler.max_staleness=0"])
+    measured = measure(_write_run(tmp_path, truth, wait_offset=-0.1))
+    fitted = calibrate(truth.simulate, [measured])
+    assert fitted.sim.reward_s == 0.0
+    assert any("reward_s at its lower bound" in note for note in fitted.notes)
+    text = report(load_config(None, ["simulate.steps=8", f"simulate.calibrate_from=[{tmp_path}]"]))
+    assert "note: reward_s at its lower bound" in text
+
+
+def test_engine_decode_counters_survive_a_worker_restart():
+    """Cumulative counters of a restarted worker start from zero again: its tokens after the restart still count."""
+    records = [
+        {"rollout_decode_by_worker": {"rollout-0": {"tokens": 100, "busy_seconds": 1.0}}},
+        {"rollout_decode_by_worker": {"rollout-0": {"tokens": 150, "busy_seconds": 1.5}}},
+        {"rollout_decode_by_worker": {"rollout-0": {"tokens": 30, "busy_seconds": 0.25}}},
+    ]
+    assert _decode_deltas(records) == (80, 0.75)
+
+
+def test_calibration_needs_the_engines_decode_counters(tmp_path):
+    truth = load_config(None, ["simulate.steps=4"])
+    folder = _write_run(tmp_path, truth)
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["rollout_decode_by_worker"]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(ValueError, match="rollout_decode_by_worker"):
+        measure(folder)
