@@ -635,7 +635,9 @@ class SimulateConfig:
     pool_speed: dict[str, float] = field(default_factory=dict)
     """Decode speed of a rollout pool relative to engine_step_s, by pool name (another GPU kind); default 1."""
     reward_s: float = 0.0
-    """Seconds to score one group once its last sample is done (off the engine)."""
+    """Seconds from a group's last sample to the trainer being able to read it (scoring off the engine, hand-off)."""
+    trainer_group_s: float = 0.0
+    """Trainer seconds per accepted group besides forward/backward (store read, collate, ledger); calibration fits it."""
     train_tokens_per_s: float = 2000.0
     """Response tokens one trainer worker trains per second; data-parallel trainer workers scale linearly."""
     step_overhead_s: float = 0.0
@@ -647,7 +649,7 @@ class SimulateConfig:
     link_gbps: float = 0.0
     """Bandwidth of the trainer-to-engine link in GB/s; 0 counts only sync_latency_s."""
     admission_poll_s: float = 0.2
-    """The controller issues admitted prompts on this tick while a step runs (asyncrl/controller.py POLL_S)."""
+    """The controller issues admitted prompts at a step's start, then on this tick until it ends (controller POLL_S)."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 2, f"simulate.steps must be >= 2, got {self.steps}")
@@ -668,7 +670,8 @@ class SimulateConfig:
         for name, speed in self.pool_speed.items():
             _require(speed > 0, f"simulate.pool_speed.{name} must be > 0, got {speed}")
         _require(self.train_tokens_per_s > 0, f"simulate.train_tokens_per_s must be > 0, got {self.train_tokens_per_s}")
-        for key in ("reward_s", "step_overhead_s", "sync_latency_s", "model_gb", "link_gbps", "admission_poll_s"):
+        costs = ("reward_s", "trainer_group_s", "step_overhead_s", "sync_latency_s", "model_gb", "link_gbps")
+        for key in (*costs, "admission_poll_s"):
             value = getattr(self, key)
             _require(value >= 0, f"simulate.{key} must be >= 0, got {value}")
         for path in self.calibrate_from:

@@ -15,7 +15,9 @@ What it models (each piece mirrors the real code):
   ends (scoring off the engine, a reward stage, the store hand-off).
 - Trainer (trainers/worker.py): consumes completed groups in completion order, drops one
   whose ``version_start`` is over the bound, trains each accepted group as it arrives
-  (streaming micro-batches), and ends the step ``step_overhead_s`` after the last one.
+  (streaming micro-batches) after ``trainer_group_s`` of its own handling (store read, collate,
+  ledger: time the trainer's wait metric counts), and ends the step ``step_overhead_s`` after
+  the last one.
 - Sync (asyncrl/controller.py): after each step, ``sync_latency_s + model_gb / link_gbps``
   during which the trainer waits. The engines keep decoding at the old version (staged weights
   swap in between two engine steps) unless ``sync.mode=pause`` with a bucketed transport, where
@@ -23,8 +25,8 @@ What it models (each piece mirrors the real code):
 
 Calibration (``calibrate``) takes every cost a run's metrics.jsonl measures (training tokens/s,
 sync, step overhead, the engines' decode rate from ``rollout_decode_by_worker``) and fits only
-``reward_s``, the hand-off latency, to the measured trainer wait; a fit that ends at a bound of
-its range is reported as such.
+``trainer_group_s``, the one cost no metric holds, to the measured trainer wait; a fit that ends
+at a bound of its range is reported as such.
 
 Progress between events is fluid (sequences advance by fractional tokens), so a run of many
 engines and long responses costs one event per sequence, not per token.
@@ -238,7 +240,8 @@ class _Pipeline:
             return
         self.staleness.append(self.version - group.version_start)
         compute = sum(group.lengths) / (self.sim.train_tokens_per_s * self.trainers)
-        self.trainer_free_at = max(self.now, self.trainer_free_at) + compute
+        handling = self.sim.trainer_group_s / self.trainers
+        self.trainer_free_at = max(self.now, self.trainer_free_at) + handling + compute
         self.step_compute += compute
         self.step_tokens += sum(group.lengths)
         self.accepted += 1
@@ -423,8 +426,9 @@ def as_run(measured: Measured, sim: SimulateConfig) -> Config:
 def calibrate(sim: SimulateConfig, runs: list[Measured]) -> Calibration:
     """``sim`` with the runs' measured costs: training tokens/s, sync seconds, step overhead and mean response
     length as measured; ``engine_step_s`` such that the simulated engines decode at the measured tokens per busy
-    second (at ``engine_seq_share``); ``reward_s`` (the hand-off latency, the one cost no metric holds) fitted so
-    the simulated trainer wait matches the measured one. Pooled over ``runs``."""
+    second (at ``engine_seq_share``); ``trainer_group_s`` (the trainer's handling of a group, which its wait metric
+    includes and no metric separates) fitted so the simulated trainer wait matches the measured one; ``reward_s`` 0
+    (its hand-off latency is in the fitted cost). Pooled over ``runs``."""
     notes = []
     overhead = sum(m.step_overhead_s for m in runs) / len(runs)
     if overhead < 0:
@@ -441,9 +445,9 @@ def calibrate(sim: SimulateConfig, runs: list[Measured]) -> Calibration:
         reward_s=0.0,
     )
     decode = sum(m.decode_tokens_per_s * m.decode_busy_seconds for m in runs) / sum(m.decode_busy_seconds for m in runs)
-    for _ in range(2):  # the hand-off latency shifts how many sequences run together, and so the decode rate
+    for _ in range(2):  # the trainer's pace shifts how many sequences run together, and so the decode rate
         calibrated, engine_note = _fit_engine_step(calibrated, runs, decode)
-        calibrated, wait_note = _fit_handoff(calibrated, runs)
+        calibrated, wait_note = _fit_trainer_group(calibrated, runs)
     notes += [note for note in (engine_note, wait_note) if note]
     return Calibration(calibrated, tuple(notes))
 
@@ -463,30 +467,30 @@ def _fit_engine_step(sim: SimulateConfig, runs: list[Measured], decode: float) -
     return sim, f"engine_step_s fit did not settle: last simulated decode rate {simulated:.4g} vs measured {decode:.4g}"
 
 
-def _fit_handoff(sim: SimulateConfig, runs: list[Measured]) -> tuple[SimulateConfig, str]:
-    """``reward_s`` in [0, the longest mean step] whose simulated trainer wait (summed over ``runs``) matches the
-    measured one, by bisection (the wait grows with it); a target outside the range ends at the bound, said so.
-    Where no latency already matches (within 0.1% of a step, as for a trainer that never waits), it is 0."""
+def _fit_trainer_group(sim: SimulateConfig, runs: list[Measured]) -> tuple[SimulateConfig, str]:
+    """``trainer_group_s`` in [0, the longest mean step per group] whose simulated trainer wait (summed over ``runs``)
+    matches the measured one, by bisection (the wait grows with it); a target outside the range ends at the bound,
+    said so. Where 0 already matches (within 0.1% of a step), it is 0."""
     measured = sum(m.trainer_wait_seconds for m in runs)
     tolerance = 1e-3 * sum(m.step_seconds for m in runs)
 
-    def waited(reward_s: float) -> float:
-        trial = dataclasses.replace(sim, reward_s=reward_s)
+    def waited(trainer_group_s: float) -> float:
+        trial = dataclasses.replace(sim, trainer_group_s=trainer_group_s)
         return sum(simulate(as_run(m, trial)).trainer_wait_seconds for m in runs)
 
-    low, high = 0.0, max(m.step_seconds for m in runs)
+    low, high = 0.0, max(m.step_seconds / m.cfg.trainer.prompts_per_step for m in runs)
     at_low, at_high = waited(low), waited(high)
     per_step = f"measured {measured / len(runs):.4g} s/step"
     if at_low >= measured - tolerance:
-        note = f"reward_s at its lower bound 0: the simulated trainer wait {at_low / len(runs):.4g} s/step > {per_step}"
-        return dataclasses.replace(sim, reward_s=low), note if at_low > measured + tolerance else ""
+        note = f"trainer_group_s at its lower bound 0: the simulated trainer wait {at_low / len(runs):.4g} s/step > "
+        return dataclasses.replace(sim, trainer_group_s=low), note + per_step if at_low > measured + tolerance else ""
     if at_high < measured:
-        note = f"reward_s at its upper bound {high:.4g}: the simulated trainer wait {at_high / len(runs):.4g} s/step "
-        return dataclasses.replace(sim, reward_s=high), note + f"< {per_step}"
+        note = f"trainer_group_s at its upper bound {high:.4g}: the simulated trainer wait {at_high / len(runs):.4g} "
+        return dataclasses.replace(sim, trainer_group_s=high), note + f"s/step < {per_step}"
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (middle, high) if waited(middle) < measured else (low, middle)
-    return dataclasses.replace(sim, reward_s=(low + high) / 2), ""
+    return dataclasses.replace(sim, trainer_group_s=(low + high) / 2), ""
 
 
 # report --------------------------------------------------------------------------------------
@@ -538,7 +542,7 @@ def _calibration_lines(sim: SimulateConfig, runs: list[Measured], pooled: Calibr
     decode = sum(m.decode_tokens_per_s * m.decode_busy_seconds for m in runs) / sum(m.decode_busy_seconds for m in runs)
     lines = [
         f"calibrated from {len(runs)} run(s): engine_step_s={sim.engine_step_s:.4g} (measured decode "
-        f"{decode:.4g} tokens/s per busy engine) reward_s={sim.reward_s:.4g} (fitted hand-off latency) "
+        f"{decode:.4g} tokens/s per busy engine) trainer_group_s={sim.trainer_group_s:.4g} (fitted to the wait) "
         f"train_tokens_per_s={sim.train_tokens_per_s:.4g} sync_latency_s={sim.sync_latency_s:.4g} "
         f"step_overhead_s={sim.step_overhead_s:.4g} length_median={sim.length_median:.4g}",
         *(f"  note: {note}" for note in pooled.notes),

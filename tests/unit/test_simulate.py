@@ -78,6 +78,12 @@ def test_report_lists_every_sweep_point():
     assert "2.00x" in text and text.count("\n") >= 4
 
 
+def test_the_trainers_handling_of_a_group_counts_as_its_wait_and_lengthens_the_step():
+    result = simulate(load_config(None, [*HAND, "simulate.trainer_group_s=0.05"]), max_staleness=0)
+    assert result.step_seconds == pytest.approx(0.25)
+    assert result.trainer_wait_seconds == pytest.approx(0.15)  # generation, then handling: not forward/backward
+
+
 def test_a_step_issues_its_prompts_before_the_first_poll_tick():
     """The controller issues first and then waits a poll tick: k=0 generation starts with the step, not a tick later."""
     cfg = load_config(None, [*HAND, "simulate.admission_poll_s=0.5"])
@@ -124,31 +130,32 @@ def _write_run(folder, cfg, max_staleness=0, wait_offset=0.0):
 
 
 @pytest.mark.parametrize("max_staleness", [0, 2])
-def test_calibration_recovers_the_engine_cost_and_hand_off_latency_of_a_run(tmp_path, max_staleness):
+def test_calibration_recovers_the_engine_cost_and_trainer_handling_of_a_run(tmp_path, max_staleness):
+    """A 'run' written by the model with known costs: the fit finds them again, at k=0 (the trainer waits for the
+    engine) and k=2 (it waits only on its own handling of each group), and predicts the run's samples/s."""
     truth = load_config(
         None,
-        ["simulate.engine_step_s=0.02", "simulate.reward_s=0.3", "simulate.steps=8", "simulate.train_tokens_per_s=500",
-         f"scheduler.max_staleness={max_staleness}"],
+        ["simulate.engine_step_s=0.02", "simulate.trainer_group_s=0.3", "simulate.steps=8",
+         "simulate.train_tokens_per_s=500", f"scheduler.max_staleness={max_staleness}"],
     )  # fmt: skip
     measured = measure(_write_run(tmp_path, truth, max_staleness))
-    fitted = calibrate(dataclasses.replace(truth.simulate, engine_step_s=1.0, reward_s=0.0), [measured])
+    fitted = calibrate(dataclasses.replace(truth.simulate, engine_step_s=1.0, trainer_group_s=0.0), [measured])
     assert fitted.notes == ()
     assert fitted.sim.engine_step_s == pytest.approx(0.02, rel=0.01)
     assert fitted.sim.train_tokens_per_s == pytest.approx(truth.simulate.train_tokens_per_s, rel=1e-6)
-    if max_staleness == 0:  # at k=2 the trainer never waits here: no wait to fit the latency to
-        assert fitted.sim.reward_s == pytest.approx(0.3, rel=0.01)
+    assert fitted.sim.trainer_group_s == pytest.approx(0.3, rel=0.01)
     assert simulate(as_run(measured, fitted.sim)).samples_per_s == pytest.approx(measured.samples_per_s, rel=0.01)
 
 
 def test_a_fit_at_its_bound_is_reported(tmp_path):
-    """A run that waited less than the model can with no latency at all: reward_s ends at 0 and the report says so."""
+    """A run that waited less than the model can with no handling at all: the fit ends at 0 and the report says so."""
     truth = load_config(None, ["simulate.engine_step_s=0.02", "simulate.steps=8", "scheduler.max_staleness=0"])
     measured = measure(_write_run(tmp_path, truth, wait_offset=-0.1))
     fitted = calibrate(truth.simulate, [measured])
-    assert fitted.sim.reward_s == 0.0
-    assert any("reward_s at its lower bound" in note for note in fitted.notes)
+    assert fitted.sim.trainer_group_s == 0.0
+    assert any("trainer_group_s at its lower bound" in note for note in fitted.notes)
     text = report(load_config(None, ["simulate.steps=8", f"simulate.calibrate_from=[{tmp_path}]"]))
-    assert "note: reward_s at its lower bound" in text
+    assert "note: trainer_group_s at its lower bound" in text
 
 
 def test_engine_decode_counters_survive_a_worker_restart():
