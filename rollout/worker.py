@@ -6,8 +6,10 @@ another thread and lands between two engine steps (the engine's lock makes the s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import queue
 import re
 import threading
 import time
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 # step costs a few percent on a small model. A freed slot or a read that found prompts polls at once.
 BUSY_POLL_S = 0.05
 RATE_HORIZON_S = 2.0  # the decode rate is a mean over about this many recent busy seconds
+# Flushes handed to the writer thread and not yet written, at most: a store that stays full holds the loop soon.
+FLUSH_QUEUE = 2
 
 
 @dataclass
@@ -87,8 +91,9 @@ class RolloutWorker:
         from rollout.engine import GenerationEngine
         from storage import TrajectoryStore
 
-        self.cfg, self.worker_id = cfg, worker_id
+        self.cfg, self.worker_id, self.store_url = cfg, worker_id, store_url
         self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
+        self.writer: _Writer | None = None  # puts the scored groups; started with the loop
         self.store.ensure_group(Streams.PROMPTS, Groups.ROLLOUT)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.reward = None if cfg.stages.reward else build_scorer(cfg.reward)  # stages.reward: the stage scores
@@ -121,7 +126,11 @@ class RolloutWorker:
     def start(self) -> int:
         """Take back what this worker id held before (``_reclaim``), then start the generation loop;
         returns the prompt entries taken back."""
+        from storage import TrajectoryStore
+
         reclaimed = self._reclaim()
+        store = TrajectoryStore.from_config(self.store_url, self.cfg.run.name, self.cfg.store)
+        self.writer = _Writer(store, f"rollout-{self.worker_id}-writer")
         self._thread = threading.Thread(target=self._run, name=f"rollout-{self.worker_id}", daemon=True)
         self._thread.start()
         return reclaimed
@@ -130,6 +139,8 @@ class RolloutWorker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.writer is not None:
+            self.writer.close(timeout_s=30)
         self.engine.close()
 
     def health(self) -> str | None:
@@ -199,6 +210,7 @@ class RolloutWorker:
         """
         try:
             while not self._stop.is_set():
+                self.writer.raise_error()
                 tic, idle = time.monotonic(), not self.engine.num_unfinished()
                 self._take_prompts()  # with an empty engine it blocks up to 200 ms on the store
                 if idle:
@@ -366,15 +378,10 @@ class RolloutWorker:
         return sum(table.num_rows for table, _ in self.outbox) >= self.cfg.store.rows_per_message
 
     def _flush(self) -> None:
-        """Put the scored groups waiting in the outbox as one Arrow message (``store.rows_per_message``),
-        then acknowledge the prompt entries all of whose groups are now in the store."""
+        """Hand the scored groups waiting in the outbox to the writer thread as one Arrow message
+        (``store.rows_per_message``), with the prompt entries all of whose groups are then in the store (acknowledged
+        after the put). The next engine step overlaps the store round trips."""
         table = pa.concat_tables([group for group, _ in self.outbox])
-        tokens = pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0
-        waited = self.store.put_wait_s
-        self.store.put(self.output, table, {"rows": table.num_rows, "tokens": tokens})
-        self.store.incr("rollout_tokens", tokens)
-        if self.store.put_wait_s > waited:  # the trajectories stream was full: back-pressure, as a metric
-            self.store.incr("put_wait_ms", round(1000 * (self.store.put_wait_s - waited)))
         finished, partial = [], set()
         for group, entry_id in self.outbox:
             self.entry_groups[entry_id] -= 1
@@ -386,13 +393,79 @@ class RolloutWorker:
                 partial.add(entry_id)
         self.outbox = []
         # A restarted worker takes back the entries it held: it must know which of their groups are in the store.
-        for entry_id in partial - set(finished):
-            self.store.set_value(_put_marker(entry_id), self.entry_put[entry_id])
+        markers = {entry_id: list(self.entry_put[entry_id]) for entry_id in partial - set(finished)}
+        cleared = [entry_id for entry_id in finished if self.entry_put.pop(entry_id, None) is not None]
+        self.writer.submit(functools.partial(self._write, table, markers, finished, cleared), self._stop)
+
+    def _write(self, table: pa.Table, markers: dict, finished: list[str], cleared: list[str], store) -> None:
+        """On the writer thread: put ``table``, count its tokens, record which groups of still open prompt entries
+        are put (``markers``), then acknowledge the ``finished`` entries and drop their markers (``cleared``)."""
+        tokens = pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0
+        waited = store.put_wait_s
+        store.put(self.output, table, {"rows": table.num_rows, "tokens": tokens})
+        store.incr("rollout_tokens", tokens)
+        if store.put_wait_s > waited:  # the trajectories stream was full: back-pressure, as a metric
+            store.incr("put_wait_ms", round(1000 * (store.put_wait_s - waited)))
+        for entry_id, put in markers.items():
+            store.set_value(_put_marker(entry_id), put)
         if finished:
-            self.store.ack(Streams.PROMPTS, Groups.ROLLOUT, finished)
-            for entry_id in finished:
-                if self.entry_put.pop(entry_id, None) is not None:
-                    self.store.delete_value(_put_marker(entry_id))
+            store.ack(Streams.PROMPTS, Groups.ROLLOUT, finished)
+            for entry_id in cleared:
+                store.delete_value(_put_marker(entry_id))
+
+
+class _Writer:
+    """A thread that runs a rollout worker's store writes one at a time, in the order handed over.
+
+    Consumes write jobs from a bounded queue (``FLUSH_QUEUE``); waits on that queue, unblocked by ``submit`` or
+    ``close``. A job that raises stops the writing: the error is kept, and the generation loop raises it at its next
+    turn (``raise_error``), its fault boundary. It has a store client of its own (its own connection).
+    """
+
+    def __init__(self, store, name: str) -> None:
+        self.store = store
+        self.error: BaseException | None = None
+        self._jobs: queue.Queue = queue.Queue(maxsize=FLUSH_QUEUE)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job, stop: threading.Event) -> None:
+        """Queue ``job(store)``; waits while the queue is full (a put waiting for room in the store), until the
+        writer fails (raises its error) or ``stop`` is set (the job is dropped: its prompt entries stay unacknowledged,
+        for a restarted worker to take back)."""
+        while not stop.is_set():
+            self.raise_error()
+            try:
+                self._jobs.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise RuntimeError("the rollout worker's store writer failed") from self.error
+
+    def close(self, timeout_s: float) -> None:
+        """Write what was handed over, at most ``timeout_s`` more, then end the thread and its connection."""
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                self._jobs.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.store.close()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if self.error is not None:
+                continue  # a failed writer writes nothing more: later puts must not overtake the failed one
+            try:
+                job(self.store)
+            except BaseException as err:  # handed to the generation loop, the fault boundary
+                log.exception("rollout store writer %s failed", self._thread.name)
+                self.error = err
 
 
 def _put_marker(entry_id: str) -> str:
