@@ -10,6 +10,9 @@ cd "$(dirname "$SCRIPT")/.."
 RAY=${RAY:-.venv/bin/ray}
 [ -x "$RAY" ] || RAY=$(command -v ray) || { echo "cluster.sh: no ray executable (run launch/setup.sh)" >&2; exit 2; }
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# The node's processes (and the jobs launch/submit.sh sends) find this Ray's Python first as `python`.
+PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
+export PATH
 
 usage() { sed -n '2,6p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage

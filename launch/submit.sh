@@ -4,6 +4,8 @@
 #   RAY_ADDRESS=http://HEAD:8265 launch/submit.sh CONFIG [key=value ...]
 # The job API needs the head's dashboard (cluster.sh start-head --dashboard). The store must be reachable
 # from every node: pass store.url=redis://... or store.bind=<the head's address> with store.password.
+# The job runs `python` as the head's Ray processes find it (cluster.sh puts its Ray's Python first on
+# their PATH); ASYNCRL_PYTHON names another interpreter of the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: RAY_ADDRESS=http://HEAD:8265 launch/submit.sh CONFIG [key=value ...]" >&2; exit 2; }
@@ -15,6 +17,6 @@ RAY=${RAY:-.venv/bin/ray}
 # Validate here, so a bad key fails before anything is uploaded.
 .venv/bin/asyncrl config show "$config" "$@" >/dev/null
 runtime_env=$(printf '{"working_dir": ".", "excludes": [".venv", "runs", ".git"], "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}')
-cmd=("$RAY" job submit --address "$RAY_ADDRESS" --runtime-env-json "$runtime_env" -- python -m asyncrl train "$config" --quiet "$@")
+cmd=("$RAY" job submit --address "$RAY_ADDRESS" --runtime-env-json "$runtime_env" -- "${ASYNCRL_PYTHON:-python}" -m asyncrl train "$config" --quiet "$@")
 echo "[submit] ${cmd[*]}"
 exec "${cmd[@]}"

@@ -159,3 +159,49 @@ def test_a_pool_needing_a_missing_resource_fails_fast_naming_it(tmp_path):
     assert "h100_rollout_node" in proc.stderr and "rollouts" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - tic < 90
+
+
+@pytest.mark.slow
+def test_submit_sh_runs_the_job_on_a_cluster_started_by_cluster_sh(tmp_path):
+    """launch/cluster.sh start-head --dashboard, then launch/submit.sh: a Ray job that trains the tiny job on that
+    cluster (Ray's actor table there has its workers) and writes its run folder."""
+    port, api_port = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="asyncrl-job-")
+    head = subprocess.Popen(
+        [str(ROOT / "launch" / "cluster.sh"), "start-head", "--port", str(port), "--loopback", "--dashboard",
+         "--dashboard-port", str(api_port), "--num-cpus", "3", "--temp-dir", temp_dir,
+         "--object-store-memory", str(200 << 20), "--block",
+         # Free ports for the head's agents: another Ray on this machine may hold the default ones.
+         *(arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                            "--runtime-env-agent-port", "--ray-client-server-port") for arg in (flag, str(_free_port())))],
+        stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=_env(),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while socket.socket().connect_ex(("127.0.0.1", api_port)) != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the head's job API did not listen within 90s"
+            time.sleep(0.5)
+        run_dir = tmp_path / "run"
+        for _ in range(12):  # the job API listens a few seconds before the head's job agent takes jobs
+            proc = subprocess.run(
+                [str(ROOT / "launch" / "submit.sh"), "configs/tiny.yaml", "run.steps=2", f"run.dir={run_dir}",
+                 "run.name=submitted"],
+                cwd=ROOT, capture_output=True, text=True, timeout=400,
+                env={**_env(), "RAY_ADDRESS": f"http://127.0.0.1:{api_port}"},
+            )  # fmt: skip
+            if "No available agent" not in proc.stderr:
+                break
+            time.sleep(5)
+        agent_logs = sorted(Path(temp_dir).glob("session_latest/logs/dashboard_agent*.log"))
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + "".join(
+            log.read_text()[-1500:] for log in agent_logs
+        )
+        assert "[submit]" in proc.stdout and "succeeded" in proc.stdout + proc.stderr
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2]
+        actors = json.loads(_python(ACTORS, f"127.0.0.1:{port}").strip().splitlines()[-1])
+        assert {"TrainerWorker", "RolloutWorker"} <= {a["class"] for a in actors}, actors  # it ran on this cluster
+    finally:
+        _stop_node(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
