@@ -407,7 +407,8 @@ class SyncConfig:
     transport: str = "object_store"
     """How new weights reach the engines: `object_store` (a numpy dict through Ray's object store, one
     update per engine), `broadcast` (bucketed torch.distributed broadcast over a sync group: gloo on CPU,
-    NCCL on CUDA) or `store` (buckets as bytes through the transfer store, for engines with no shared fabric)."""
+    NCCL on CUDA), `store` (buckets as bytes through the transfer store, for engines with no shared fabric) or
+    `shm` (the trainer writes each bucket into the engine's shared-memory staging: engines on the trainer's machine)."""
     timeout_s: float = 120.0
     """Longest a weight sync may take, and every collective and wait inside it, before it fails naming
     the pool, engine and bucket."""
@@ -530,7 +531,7 @@ class PoolConfig:
     gpu_memory_fraction: float = 0.9
     """Fraction of each GPU the engine may take for weights and KV cache (CUDA engines)."""
     sync_transport: str = ""
-    """Weight-sync transport of this rollout pool (`broadcast` or `store`); empty uses sync.transport."""
+    """Weight-sync transport of this rollout pool (`broadcast`, `store` or `shm`); empty uses sync.transport."""
     sync_bucket_mb: float = 0.0
     """Bucket size of this rollout pool's sync plan, in MiB; 0 uses sync.bucket_mb."""
 
@@ -756,6 +757,17 @@ class Config:
     def samples_per_step(self) -> int:
         return self.trainer.prompts_per_step * self.rollout.group_size
 
+    @property
+    def trainer_ranks(self) -> int:
+        """Data-parallel trainer workers: the trainer pool's count (1 without pools)."""
+        pools = self.resources.pools_of("trainer")
+        return pools[0].count if pools else 1
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples each trainer rank trains per optimizer step (whole groups; the ranks' gradients are averaged)."""
+        return self.samples_per_step // self.trainer_ranks
+
     def __post_init__(self) -> None:
         rollout_pools = self.resources.pools_of("rollout")
         if rollout_pools:
@@ -771,7 +783,7 @@ class Config:
             _require(
                 not pool.sync_transport or self.sync.transport != "object_store",
                 f"resources.pools[{index}].sync_transport={pool.sync_transport!r} needs a bucketed sync.transport "
-                "(broadcast or store); sync.transport=object_store hands every engine one dict, with no per-pool link",
+                "(broadcast, store or shm); sync.transport=object_store hands every engine one dict, with no per-pool link",
             )
         _require(
             not (self.stages.reward and self.rollout.env),
@@ -783,6 +795,13 @@ class Config:
             batch % self.trainer.micro_batch_size == 0,
             f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) must divide the global batch "
             f"trainer.prompts_per_step * rollout.group_size = {batch}",
+        )
+        ranks = self.trainer_ranks
+        _require(
+            self.trainer.prompts_per_step % ranks == 0 and (batch // ranks) % self.trainer.micro_batch_size == 0,
+            f"the trainer pool's count ({ranks} data-parallel ranks) must divide trainer.prompts_per_step "
+            f"({self.trainer.prompts_per_step}: whole groups per rank) and leave each rank a multiple of "
+            f"trainer.micro_batch_size ({self.trainer.micro_batch_size}) samples",
         )
 
 

@@ -142,11 +142,21 @@ def bench_sync(
 
         destination = {name: torch.empty_like(tensor) for name, tensor in tensors.items()}
 
-        def copy(_: int) -> float:
-            started = time.monotonic()
-            for name, tensor in tensors.items():
-                destination[name].copy_(tensor)
-            return time.monotonic() - started
+        def copy_with(threads: int) -> Callable[[int], float]:
+            def copy(_: int) -> float:
+                previous = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                started = time.monotonic()
+                for name, tensor in tensors.items():
+                    destination[name].copy_(tensor)
+                elapsed = time.monotonic() - started
+                torch.set_num_threads(previous)
+                return elapsed
+
+            return copy
+
+        copy = copy_with(1)  # each copy on our path (pack, the memcpy into the engine) runs on one thread
+        copy_all = copy_with(max(1, len(cpus)))
 
         seconds: dict[str, list[float]] = {}
 
@@ -157,21 +167,24 @@ def bench_sync(
                     if run:
                         seconds.setdefault(side, []).append(elapsed)
 
-        GLOO, SHM, COPY, NAIVE = "ours (bucketed broadcast)", "ours (shm)", "in-process copy", "naive per-tensor"
+        GLOO, SHM, NAIVE = "ours (bucketed broadcast)", "ours (shm)", "naive per-tensor"
+        COPY, COPY_ALL = "in-process copy", f"in-process copy, {max(1, len(cpus))} thr"
         gloo_sender = connect("broadcast", 0)
         gloo = gloo_sender.transport
-        measure_sides({COPY: copy, GLOO: ours(gloo_sender), NAIVE: naive})
+        measure_sides({COPY: copy, COPY_ALL: copy_all, GLOO: ours(gloo_sender), NAIVE: naive})
         gloo_sender.close()
         sender = connect("shm", 1)
-        measure_sides({COPY: copy, SHM: ours(sender)})
+        measure_sides({COPY: copy, COPY_ALL: copy_all, SHM: ours(sender)})
         medians = {side: statistics.median(values) for side, values in seconds.items()}
-        for side in (COPY, GLOO, SHM, NAIVE):
+        for side in (COPY, COPY_ALL, GLOO, SHM, NAIVE):
             runs = " ".join(f"{nbytes / s / 1e9:.2f}" for s in seconds[side])
             median = medians[side]
             say(f"{side:<28} {nbytes / median / 1e9:6.2f} GB/s  median {median * 1000:7.1f} ms  (runs GB/s: {runs})")
 
-        # Decode throughput: the same span with and without back-to-back in-flight syncs (receive + switch) over
-        # shm, the trainer's side here confined to the sync CPUs with one torch thread.
+        # Decode throughput over shm syncs, the trainer's side here confined to the sync CPUs with one torch
+        # thread. Each sync's window (first bucket asked for to the end of the first step on the new weights,
+        # which carries the re-prefill when the KV cache is recomputed) is followed by a quiet window of the
+        # same length, so a change in the machine's load hits both sides alike.
         if split:
             os.sched_setaffinity(0, sync_cpus)
         threads = torch.get_num_threads()
@@ -182,48 +195,55 @@ def bench_sync(
             engine.reply("sync", timeout + 10)
             engine.call("start_load", DECODE_BATCH, 64)
             time.sleep(2.0)  # past the load's ramp-up (prefill of the first batch)
-            windows: dict[bool, list[dict]] = {}
+            windows: dict[bool, list[dict]] = {False: [], True: []}
             version = 2000
             for recompute in (False, True):
                 for _ in range(syncs):
                     version += 1
                     engine.send_only("sync", version, cfg.sync.mode, recompute)
                     sender.send(tensors, version)
-                    windows.setdefault(recompute, []).append(engine.reply("sync", timeout + 10))
-                time.sleep(0.5)  # the last recompute's re-prefill falls outside the next span
-            sync_span = max(stats[-1]["ended"] - stats[0]["started"] for stats in windows.values())
-            quiet_start = time.monotonic()
-            time.sleep(sync_span)
+                    stats = engine.reply("sync", timeout + 10)
+                    windows[recompute].append({**stats, "version": version})
+                    deadline = time.monotonic() + timeout
+                    while (last := engine.call("last_step")) is None or last[2] != version:  # the first new step
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"the engine took no step on version {version} in {timeout}s")
+                        time.sleep(0.01)
+                    time.sleep(last[0] - stats["started"] + 0.1)  # then a quiet window as long as the sync's
             steps = engine.call("stop_load")
-            quiet_end = time.monotonic()
         finally:
             torch.set_num_threads(threads)
             os.sched_setaffinity(0, cpus)
 
-        def rate(start: float, end: float) -> float:
-            return sum(tokens for stamp, tokens, _ in steps if start < stamp <= end) / (end - start)
+        def tokens(start: float, end: float) -> int:
+            return sum(count for stamp, count, _ in steps if start < stamp <= end)
 
-        without = rate(quiet_start, min(quiet_end, quiet_start + sync_span))
-        during = {recompute: rate(stats[0]["started"], stats[-1]["ended"]) for recompute, stats in windows.items()}
+        during, without = {}, {}
+        for recompute, stats in windows.items():
+            sync_tokens = quiet_tokens = span = 0.0
+            for window in stats:
+                end = min(stamp for stamp, _, v in steps if v == window["version"])  # the first step on it
+                length = end - window["started"]
+                sync_tokens += tokens(window["started"], end)
+                quiet_tokens += tokens(end + 0.05, end + 0.05 + length)
+                span += length
+            during[recompute], without[recompute] = sync_tokens / span, quiet_tokens / span
         kept = windows[False]
         say(f"engine switch: staging beside the live model median "
             f"{statistics.median(w['switch_seconds'] - w['locked_seconds'] for w in kept) * 1000:.1f} ms, "
             f"under the engine lock median {statistics.median(w['locked_seconds'] for w in kept) * 1000:.1f} ms "
             f"over {syncs} syncs")  # fmt: skip
         pinned = f"decode on CPU {cpus[-1]}, both ends' sync on CPU(s) {cpus[:-1]}" if split else "one CPU, shared"
-        say(f"decode tokens/s ({pinned}): {without:.1f} without a sync, {during[False]:.1f} during {syncs} "
-            f"back-to-back {cfg.sync.mode} shm syncs, {during[True]:.1f} with the KV cache recomputed after each")  # fmt: skip
+        for recompute, what in ((False, "running requests keep their KV cache"), (True, "KV cache recomputed")):
+            say(f"decode tokens/s ({pinned}; {what}): {during[recompute]:.1f} during {syncs} {cfg.sync.mode} shm "
+                f"syncs, {without[recompute]:.1f} in as long right after each")  # fmt: skip
         say(
             f"broadcast/copy bandwidth: gloo {medians[COPY] / medians[GLOO]:.2f}, shm {medians[COPY] / medians[SHM]:.2f}"
         )
-        say(
-            f"decode ratio (during sync/without, {cfg.sync.mode}): {during[False] / max(without, 1e-9):.2f} "
-            "(running requests keep their KV cache)"
-        )
-        say(
-            f"decode ratio (during sync/without, {cfg.sync.mode}, KV cache recomputed after the switch): "
-            f"{during[True] / max(without, 1e-9):.2f}"
-        )
+        say(f"decode ratio (during sync/without, {cfg.sync.mode}): {during[False] / max(without[False], 1e-9):.2f} "
+            "(running requests keep their KV cache)")  # fmt: skip
+        say(f"decode ratio (during sync/without, {cfg.sync.mode}, KV cache recomputed after the switch): "
+            f"{during[True] / max(without[True], 1e-9):.2f}")  # fmt: skip
         say(f"shm ratio (ours over shm/naive per-tensor over gloo): {medians[NAIVE] / medians[SHM]:.2f}")
         sender.close()
     finally:

@@ -244,6 +244,10 @@ class _Child:
             tokens = engine.tokens_sampled - before
             self.steps.append((time.monotonic(), tokens, version))
 
+    def last_step(self) -> tuple[float, int, int] | None:
+        """The load's latest step (monotonic end, tokens, version), None before its first."""
+        return self.steps[-1] if self.steps else None
+
     def stop_load(self) -> list[tuple[float, int, int]]:
         self._load_stop.set()
         if self._load_thread is not None:
