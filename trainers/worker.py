@@ -10,6 +10,7 @@ trainer that dies mid-step leaves them pending for a successor.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -53,6 +54,8 @@ class TrainerWorker:
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.carry: list[tuple[pa.Table, str]] = []  # groups read but not yet considered, with their entry id
         self.entry_groups: dict[str, int] = {}  # entry id -> its groups not yet trained or dropped
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="trainer-prefetch")
+        self._prefetch: Future | None = None  # a read of the next step's entries, started while this one computes
 
     def ready(self) -> bool:
         return True
@@ -79,17 +82,33 @@ class TrainerWorker:
         return self.carry.pop(0) if self.carry else None
 
     def _read_entries(self, count: int, block_ms: int) -> int:
-        """Read up to ``count`` new trajectory entries into ``carry``, a group at a time; returns the entries."""
+        """Read up to ``count`` new trajectory entries into ``carry``, a group at a time; returns the entries. The
+        entries a prefetch read (``_start_prefetch``) come first: then there is no read now."""
         from trainers.batch import split_groups
 
-        entries = self.store.read(
-            Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=count, block_ms=block_ms, expect=TRAJECTORY_SCHEMA
-        )
+        entries = self._take_prefetch() or self._read(count, block_ms)
         for entry in entries:
             groups = split_groups(entry.table)
             self.entry_groups[entry.id] = len(groups)
             self.carry.extend((group, entry.id) for group in groups)
         return len(entries)
+
+    def _read(self, count: int, block_ms: int) -> list:
+        return self.store.read(
+            Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=count, block_ms=block_ms, expect=TRAJECTORY_SCHEMA
+        )
+
+    def _start_prefetch(self, count: int) -> None:
+        """Read up to ``count`` entries already in the store (no wait) on the reader thread while this step computes
+        (forward and backward release the GIL), for the next step; nothing is dropped or trained here, the staleness
+        bound is checked when a group is taken."""
+        if self._prefetch is None and not self.carry:
+            self._prefetch = self._reader.submit(self._read, count, 0)
+
+    def _take_prefetch(self) -> list:
+        """The entries the prefetch read (waiting for it to end), once; [] without one."""
+        prefetch, self._prefetch = self._prefetch, None
+        return [] if prefetch is None else prefetch.result(timeout=self.cfg.run.step_timeout_s)
 
     def _consumed(self, entry_id: str, finished: list[str]) -> None:
         self.entry_groups[entry_id] -= 1
@@ -174,7 +193,7 @@ class TrainerWorker:
     def discard_pending(self) -> int:
         """Acknowledge, untrained, every trajectory entry waiting or carried; returns how many (between the
         phases of ``asyncrl bench pipeline``, once no rollout worker holds a prompt)."""
-        ids = set(self.entry_groups)
+        ids = set(self.entry_groups) | {entry.id for entry in self._take_prefetch()}
         while entries := self.store.read(Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=100, block_ms=0):
             ids.update(entry.id for entry in entries)
         self.carry, self.entry_groups = [], {}
@@ -217,6 +236,8 @@ class TrainerWorker:
                     filtered += 1
                     continue
                 accepted += group.num_rows
+                if accepted >= needed:
+                    self._start_prefetch(-(-needed // cfg.rollout.group_size))
                 pending.extend(scorer.ready())
                 columns = ["sample_id", "prompt_id", "version_start", "version_end", "reward", "reward_failed"]
                 columns += ["reward_error", "reward_components", "loss_mask"]
