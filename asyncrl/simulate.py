@@ -24,7 +24,8 @@ What it models (each piece mirrors the real code):
   every engine pauses for the whole sync; engines then sample at the new version.
 
 Calibration (``calibrate``) takes every cost a run's metrics.jsonl measures (training tokens/s,
-sync, step overhead, the engines' decode rate from ``rollout_decode_by_worker``) and fits only
+sync, step overhead, the engines' decode rate from ``rollout_decode_by_worker``, the pipeline
+stages' seconds per group as ``reward_s``) and fits only
 ``trainer_group_s``, the one cost no metric holds, to the measured trainer wait; a fit that ends
 at a bound of its range is reported as such.
 
@@ -358,6 +359,7 @@ class Measured:
     response_tokens_mean: float
     decode_tokens_per_s: float  # the engines' sampled tokens per busy second (rollout_decode_by_worker)
     decode_busy_seconds: float  # engine busy seconds those tokens took, all workers
+    stage_group_s: float  # stages.*: their busy seconds per group (NAME_stage_busy_s / NAME_stage_rows); 0 without
     step_seconds: float  # mean per step
     steps: int
 
@@ -386,9 +388,9 @@ def measure(run_dir: str | Path) -> Measured:
         for r, c in zip(steady, compute, strict=True)
     ]
     decode_tokens, decode_busy = _decode_deltas(records)
+    cfg = load_config(run_dir / "config.yaml")
     if decode_busy <= 0:
         raise ValueError(f"{run_dir}: rollout_decode_by_worker shows no engine busy time over steps 2..{len(records)}")
-    cfg = load_config(run_dir / "config.yaml")
     return Measured(
         run_dir=str(run_dir),
         cfg=cfg,
@@ -400,6 +402,7 @@ def measure(run_dir: str | Path) -> Measured:
         response_tokens_mean=sum(tokens) / sum(r["samples_trained"] for r in steady),
         decode_tokens_per_s=decode_tokens / decode_busy,
         decode_busy_seconds=decode_busy,
+        stage_group_s=_stage_group_seconds(records[0], records[-1], cfg.rollout.group_size),
         step_seconds=sum(r["step_seconds"] for r in steady) / len(steady),
         steps=len(records),
     )
@@ -418,6 +421,18 @@ def _decode_deltas(records: list[dict]) -> tuple[float, float]:
     return tokens, busy
 
 
+def _stage_group_seconds(first: dict, last: dict, group_size: int) -> float:
+    """Seconds the pipeline stages (stages.*) spend on one group between the engine and the trainer, from their
+    cumulative busy seconds and rows over steps 2..N, summed over the stages (a group passes each in turn)."""
+    seconds = 0.0
+    for key in last:
+        if key.endswith("_stage_busy_s"):
+            rows = last[key.removesuffix("_busy_s") + "_rows"] - first.get(key.removesuffix("_busy_s") + "_rows", 0)
+            if rows > 0:
+                seconds += (last[key] - first.get(key, 0.0)) / rows * group_size
+    return seconds
+
+
 def as_run(measured: Measured, sim: SimulateConfig) -> Config:
     """The measured run's own config with ``sim``'s costs, simulated for as many steps as it ran."""
     return dataclasses.replace(measured.cfg, simulate=dataclasses.replace(sim, steps=measured.steps, calibrate_from=[]))
@@ -427,8 +442,9 @@ def calibrate(sim: SimulateConfig, runs: list[Measured]) -> Calibration:
     """``sim`` with the runs' measured costs: training tokens/s, sync seconds, step overhead and mean response
     length as measured; ``engine_step_s`` such that the simulated engines decode at the measured tokens per busy
     second (at ``engine_seq_share``); ``trainer_group_s`` (the trainer's handling of a group, which its wait metric
-    includes and no metric separates) fitted so the simulated trainer wait matches the measured one; ``reward_s`` 0
-    (its hand-off latency is in the fitted cost). Pooled over ``runs``."""
+    includes and no metric separates) fitted so the simulated trainer wait matches the measured one; ``reward_s``
+    the pipeline stages' measured seconds per group (0 without stages; the store hand-off is in the fitted cost).
+    Pooled over ``runs``."""
     notes = []
     overhead = sum(m.step_overhead_s for m in runs) / len(runs)
     if overhead < 0:
@@ -442,7 +458,7 @@ def calibrate(sim: SimulateConfig, runs: list[Measured]) -> Calibration:
         step_overhead_s=max(0.0, overhead),
         response_length="fixed",
         length_median=sum(m.response_tokens_mean for m in runs) / len(runs),
-        reward_s=0.0,
+        reward_s=sum(m.stage_group_s for m in runs) / len(runs),
     )
     decode = sum(m.decode_tokens_per_s * m.decode_busy_seconds for m in runs) / sum(m.decode_busy_seconds for m in runs)
     for _ in range(2):  # the trainer's pace shifts how many sequences run together, and so the decode rate
@@ -543,6 +559,7 @@ def _calibration_lines(sim: SimulateConfig, runs: list[Measured], pooled: Calibr
     lines = [
         f"calibrated from {len(runs)} run(s): engine_step_s={sim.engine_step_s:.4g} (measured decode "
         f"{decode:.4g} tokens/s per busy engine) trainer_group_s={sim.trainer_group_s:.4g} (fitted to the wait) "
+        f"reward_s={sim.reward_s:.4g} (stages, measured) "
         f"train_tokens_per_s={sim.train_tokens_per_s:.4g} sync_latency_s={sim.sync_latency_s:.4g} "
         f"step_overhead_s={sim.step_overhead_s:.4g} length_median={sim.length_median:.4g}",
         *(f"  note: {note}" for note in pooled.notes),

@@ -109,10 +109,11 @@ def test_the_simulated_decode_rate_is_tokens_per_busy_engine_second():
     assert result.rollout_idle == pytest.approx(0.5)
 
 
-def _write_run(folder, cfg, max_staleness=0, wait_offset=0.0):
+def _write_run(folder, cfg, wait_offset=0.0):
     """A 'run' written by the model itself: metrics.jsonl as the controller writes it (with ``wait_offset`` more
-    trainer wait per step than the model had), and config.yaml."""
-    pipeline = _Pipeline(cfg, max_staleness, 1, [("rollout", 1)])
+    trainer wait per step than the model had; a reward stage's counters at ``simulate.reward_s`` a group), and
+    config.yaml."""
+    pipeline = _Pipeline(cfg, cfg.scheduler.max_staleness, 1, [("rollout", 1)])
     pipeline.run()
     records = [
         {
@@ -120,6 +121,8 @@ def _write_run(folder, cfg, max_staleness=0, wait_offset=0.0):
             "train_tokens_per_s": s["tokens"] / s["busy"], "trainer_wait_seconds": s["wait"] + wait_offset,
             "sync_seconds": 0.0, "step_seconds": s["seconds"] + wait_offset,
             "rollout_decode_by_worker": {"rollout-0": {"tokens": s["engine_tokens"], "busy_seconds": s["engine_busy"]}},
+            "reward_stage_busy_s": (i + 1) * cfg.trainer.prompts_per_step * cfg.simulate.reward_s,
+            "reward_stage_rows": (i + 1) * cfg.samples_per_step,
         }
         for i, s in enumerate(pipeline.step_log)
     ]  # fmt: skip
@@ -138,12 +141,26 @@ def test_calibration_recovers_the_engine_cost_and_trainer_handling_of_a_run(tmp_
         ["simulate.engine_step_s=0.02", "simulate.trainer_group_s=0.3", "simulate.steps=8",
          "simulate.train_tokens_per_s=500", f"scheduler.max_staleness={max_staleness}"],
     )  # fmt: skip
-    measured = measure(_write_run(tmp_path, truth, max_staleness))
+    measured = measure(_write_run(tmp_path, truth))
     fitted = calibrate(dataclasses.replace(truth.simulate, engine_step_s=1.0, trainer_group_s=0.0), [measured])
     assert fitted.notes == ()
     assert fitted.sim.engine_step_s == pytest.approx(0.02, rel=0.01)
     assert fitted.sim.train_tokens_per_s == pytest.approx(truth.simulate.train_tokens_per_s, rel=1e-6)
     assert fitted.sim.trainer_group_s == pytest.approx(0.3, rel=0.01)
+    assert simulate(as_run(measured, fitted.sim)).samples_per_s == pytest.approx(measured.samples_per_s, rel=0.01)
+
+
+def test_calibration_takes_the_stages_time_per_group_as_measured(tmp_path):
+    """stages.*: the stages' busy seconds per group (their rows / group_size) become reward_s; the fit is left the
+    trainer's own handling, which this run did not have."""
+    truth = load_config(
+        None, ["simulate.engine_step_s=0.02", "simulate.reward_s=0.25", "simulate.steps=8", "scheduler.max_staleness=0"]
+    )
+    measured = measure(_write_run(tmp_path, truth))
+    assert measured.stage_group_s == pytest.approx(0.25)
+    fitted = calibrate(dataclasses.replace(truth.simulate, reward_s=0.0), [measured])
+    assert fitted.sim.reward_s == pytest.approx(0.25)
+    assert fitted.sim.trainer_group_s == pytest.approx(0.0, abs=1e-3)
     assert simulate(as_run(measured, fitted.sim)).samples_per_s == pytest.approx(measured.samples_per_s, rel=0.01)
 
 
