@@ -86,29 +86,31 @@ def save_checkpoint(
     return final
 
 
-def write_groups(folder: Path, groups: list) -> int:
-    """The scored groups (Arrow tables of one schema) into ``folder/trajectories.arrow``, one record batch per
-    group, so a resume puts back the same groups; returns the rows written."""
+def write_groups(folder: Path, groups: list, rank: int = 0) -> int:
+    """The scored groups (Arrow tables of one schema) of trainer ``rank`` into ``folder/trajectories.arrow``
+    (``trajectories-RANK.arrow`` for ranks > 0), one record batch per group, so a resume puts back the same
+    groups; returns the rows written."""
     import pyarrow as pa
 
     if not groups:
         return 0
-    with pa.OSFile(str(Path(folder) / TRAJECTORIES_FILE), "wb") as sink, pa.ipc.new_file(sink, groups[0].schema) as out:
+    name = TRAJECTORIES_FILE if rank == 0 else TRAJECTORIES_FILE.replace(".arrow", f"-{rank}.arrow")
+    with pa.OSFile(str(Path(folder) / name), "wb") as sink, pa.ipc.new_file(sink, groups[0].schema) as out:
         for group in groups:
             out.write_batch(group.combine_chunks().to_batches()[0])
     return sum(group.num_rows for group in groups)
 
 
 def read_groups(folder: Path) -> list:
-    """The groups ``write_groups`` kept in a checkpoint, one Arrow table each (none if it kept none)."""
+    """The groups ``write_groups`` kept in a checkpoint (every rank's), one Arrow table each (none if it kept none)."""
     import pyarrow as pa
 
-    path = Path(folder) / TRAJECTORIES_FILE
-    if not path.is_file():
-        return []
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        return [pa.Table.from_batches([reader.get_batch(index)]) for index in range(reader.num_record_batches)]
+    groups = []
+    for path in sorted(Path(folder).glob(TRAJECTORIES_FILE.replace(".arrow", "*.arrow"))):
+        with pa.memory_map(str(path)) as source:
+            reader = pa.ipc.open_file(source)
+            groups += [pa.Table.from_batches([reader.get_batch(index)]) for index in range(reader.num_record_batches)]
+    return groups
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:

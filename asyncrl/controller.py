@@ -18,12 +18,13 @@ from asyncrl.config import Config, to_yaml
 from asyncrl.data import build_prompt_source, prompt_index
 from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir, wandb_options
 from asyncrl.progress import step_progress
+from asyncrl.ranks import merge_step_results, rendezvous_address
 from asyncrl.resume import Resume, purge_store, restore_groups, truncate_run_logs
 from asyncrl.runtime import ray_session, store_server
 from asyncrl.scheduler import Scheduler
 from asyncrl.stages import StageSet
 from asyncrl.stop import StopSignals
-from asyncrl.supervisor import Supervisor
+from asyncrl.supervisor import Supervisor, worker_names
 from asyncrl.types import PROMPT_SCHEMA, Groups, Streams, table_from_rows
 from asyncrl.weight_sync import build_weight_sync
 
@@ -71,21 +72,21 @@ def _loop(cfg: Config, model_path: str, prompts, url: str, writer: RunWriter, re
         for step in range(first, cfg.run.steps):
             with pipeline.supervisor.watch_trainer(step):  # its death ends the run naming the checkpoint
                 record, ledger = pipeline.step(step, scheduler)
-                record.update(_process_memory(pipeline.trainer, pipeline.rollouts, pipeline.redis_pid))
+                record.update(_process_memory(pipeline.trainers, pipeline.rollouts, pipeline.redis_pid))
                 writer.log_samples(ledger)
                 writer.log_step(record)
                 progress.advance(record)
                 every, stopping = cfg.run.checkpoint_every, stop is not None and stop.requested
                 if stopping or (every and ((step + 1) % every == 0 or step + 1 == cfg.run.steps)):
                     scheduler.on_dropped(_read_dropped(pipeline.store))  # drops reported in the step's last poll
-                    _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainer)
+                    _save_checkpoint(cfg, writer.run_dir, step + 1, scheduler, pipeline.trainers)
                 if stopping:
                     log.warning("stopped by %s after step %d", stop.received.name, step + 1)
                     break
     pipeline.stop()
 
 
-def _save_checkpoint(cfg: Config, run_dir: Path, step: int, scheduler: Scheduler, trainer) -> Path:
+def _save_checkpoint(cfg: Config, run_dir: Path, step: int, scheduler: Scheduler, trainers: list) -> Path:
     """Between two steps: the trainer's DeepSpeed state, the scheduler and the config (asyncrl/checkpoint.py)."""
     import ray
 
@@ -94,7 +95,8 @@ def _save_checkpoint(cfg: Config, run_dir: Path, step: int, scheduler: Scheduler
     def fill(folder: Path) -> None:
         (folder / "config.yaml").write_text(to_yaml(cfg))
         keep_groups = cfg.run.checkpoint_store == "arrow"  # the scored, untrained groups travel with it
-        ray.get(trainer.save_checkpoint.remote(str(folder), keep_groups), timeout=cfg.run.step_timeout_s)
+        saves = [t.save_checkpoint.remote(str(folder), keep_groups) for t in trainers]  # collective over the ranks
+        ray.get(saves, timeout=cfg.run.step_timeout_s)
 
     state = {"scheduler": scheduler_state(scheduler)}
     path = save_checkpoint(run_dir, step, scheduler.version, state, fill, keep=cfg.run.keep_checkpoints)
@@ -119,6 +121,8 @@ class Pipeline:
     idle_before: dict[str, float] = field(default_factory=dict)
     supervisor: Supervisor | None = None
     stages: StageSet | None = None
+    trainers: list = field(default_factory=list)
+    """Every trainer rank, ``trainer`` (rank 0) first."""
 
     @classmethod
     def launch(cls, cfg: Config, model_path: str, prompts, url: str, run_dir: Path | None = None) -> Pipeline:
@@ -128,14 +132,15 @@ class Pipeline:
 
         store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
         store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
-        trainer, rollouts = _launch_workers(cfg, model_path, url)
+        trainers, rollouts = _launch_workers(cfg, model_path, url)
+        trainer = trainers[0]  # rank 0 sends the weights
         redis_pid = None if cfg.store.url else int(store.client.info("server")["process_id"])  # embedded: ours
         stages = StageSet.launch(cfg, model_path, url)  # stages.*: reward / reference as store consumers
         ray.get([w.start.remote() for w in rollouts], timeout=60)
         weight_sync = build_weight_sync(cfg, trainer, rollouts, url)
-        supervisor = Supervisor(cfg, trainer, rollouts, weight_sync, run_dir, redis_pid)
+        supervisor = Supervisor(cfg, trainers, rollouts, weight_sync, run_dir, redis_pid)
         idle = _idle_seconds(rollouts)
-        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, idle, supervisor, stages)
+        return cls(cfg, store, trainer, rollouts, weight_sync, prompts, redis_pid, idle, supervisor, stages, trainers)
 
     def _check(self) -> None:
         """The supervisor's check of the trainer and rollout workers, then the stages' (a failed one ends the run)."""
@@ -148,9 +153,9 @@ class Pipeline:
         cfg, store = self.cfg, self.store
         tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
         counts_before = (scheduler.issued, scheduler.blocked, scheduler.dropped)
-        step_ref = self.trainer.train_step.remote(scheduler.version, scheduler.cfg.max_staleness)
+        step_refs = [t.train_step.remote(scheduler.version, scheduler.cfg.max_staleness) for t in self.trainers]
         check, timeout_s = self._check, cfg.run.step_timeout_s + 60
-        result = _await_step(step_ref, store, scheduler, self.prompts, self.rollouts, check, timeout_s)
+        result = _await_step(step_refs, store, scheduler, self.prompts, self.rollouts, check, timeout_s)
         check()  # before the sync and the bookkeeping below ask the workers anything
         trained_prompts = {prompt_index(row["prompt_id"]) for row in result["ledger"]}
         scheduler.on_step(result["samples"] // cfg.rollout.group_size, result["staleness"], trained_prompts)
@@ -184,7 +189,8 @@ class Pipeline:
         with the prompts outstanding at the checkpoint first in line."""
         import ray
 
-        ray.get(self.trainer.load_checkpoint.remote(str(resume.checkpoint)), timeout=self.cfg.run.step_timeout_s)
+        folder, timeout_s = str(resume.checkpoint), self.cfg.run.step_timeout_s
+        ray.get([t.load_checkpoint.remote(folder) for t in self.trainers], timeout=timeout_s)
         kept = restore_groups(self.store, resume.checkpoint)  # run.checkpoint_store=arrow: back into the store
         scheduler = Scheduler.from_state(
             self.cfg.scheduler, self.cfg.trainer.prompts_per_step, resume.run_state["scheduler"], kept
@@ -210,7 +216,7 @@ class Pipeline:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rollout workers did not finish their prompts within {timeout_s:.0f}s")
             time.sleep(POLL_S)
-        ray.get(self.trainer.discard_pending.remote(), timeout=timeout_s)
+        ray.get([t.discard_pending.remote() for t in self.trainers], timeout=timeout_s)
         _read_dropped(self.store)
 
     def stop(self) -> None:
@@ -289,17 +295,16 @@ def _store_upkeep(store) -> dict:
     }
 
 
-def _process_memory(trainer, rollouts, redis_pid: int | None, timeout_s: float = 10.0) -> dict:
+def _process_memory(trainers: list, rollouts, redis_pid: int | None, timeout_s: float = 10.0) -> dict:
     """Resident memory per process of the run, in MB: ``rss_mb`` now and ``rss_peak_mb`` (VmHWM), each
-    ``{"driver", "trainer-0", "rollout-<i>", "redis", "ray"}``; ``redis`` only for an embedded server,
+    ``{"driver", "trainer-<rank>", "rollout-<i>", "redis", "ray"}``; ``redis`` only for an embedded server,
     ``ray`` is the sum over Ray's own processes (GCS, raylet, agents, idle workers)."""
     import ray
 
     from asyncrl.resources import process_memory_mb, ray_memory_mb
 
-    reports = ray.get([trainer.memory.remote(), *[w.memory.remote() for w in rollouts]], timeout=timeout_s)
-    names = ["trainer-0", *[f"rollout-{i}" for i in range(len(rollouts))]]
-    memory = {"driver": process_memory_mb(), **dict(zip(names, reports, strict=True))}
+    reports = ray.get([w.memory.remote() for w in [*trainers, *rollouts]], timeout=timeout_s)
+    memory = {"driver": process_memory_mb(), **dict(zip(worker_names(trainers, rollouts), reports, strict=True))}
     if redis_pid is not None:
         memory["redis"] = process_memory_mb(redis_pid)
     workers = {int(report["pid"]) for report in reports}
@@ -310,10 +315,10 @@ def _process_memory(trainer, rollouts, redis_pid: int | None, timeout_s: float =
     }
 
 
-def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, check, timeout_s: float) -> dict:
-    """Keep the rollout workers fed while the trainer runs one optimizer step.
+def _await_step(step_refs: list, store, scheduler: Scheduler, prompts, rollouts, check, timeout_s: float) -> dict:
+    """Keep the rollout workers fed while the trainer ranks run one optimizer step; their results merged.
 
-    Waits on: the trainer's step. Meanwhile issues every prompt admission allows, frees the
+    Waits on: every rank's step. Meanwhile issues every prompt admission allows, frees the
     slots of groups the trainer dropped as stale, and ``check``s the rollout workers first
     (one that failed ends the run, one whose process died is brought back; ``Supervisor``).
     The trainer gives up after run.step_timeout_s itself; the deadline here catches a hang.
@@ -328,12 +333,12 @@ def _await_step(step_ref, store, scheduler: Scheduler, prompts, rollouts, check,
         if not _issue_prompts(store, scheduler, prompts) and any(_loads(rollouts, "inflight", 0)):
             scheduler.blocked += 1
         scheduler.on_dropped(_read_dropped(store))
-        if ray.wait([step_ref], timeout=POLL_S)[0]:
-            return ray.get(step_ref)
+        if len(ray.wait(step_refs, num_returns=len(step_refs), timeout=POLL_S)[0]) == len(step_refs):
+            return merge_step_results(ray.get(step_refs))
 
 
 def _launch_workers(cfg: Config, model_path: str, url: str):
-    """One trainer and ``rollout.num_workers`` rollout actors, each pinned to a bundle of its pool's
+    """The trainer ranks and ``rollout.num_workers`` rollout actors, each pinned to a bundle of its pool's
     placement group (asyncrl/placement.py) with the pool's thread budget."""
     import ray
 
@@ -344,20 +349,22 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
 
     slots = reserve(cfg)
     start_reward_worker(cfg)  # reward.local_rm.worker=true: up before the rollout workers, which look it up
-    trainer_slot = slots["trainer"][0]
-    trainer = (
+    trainer_slots = slots["trainer"]
+    master = rendezvous_address(trainer_slots[0], cfg.run.step_timeout_s) if len(trainer_slots) > 1 else ""
+    trainers = [  # data-parallel ranks (asyncrl/ranks.py); their constructors meet at `master`
         ray.remote(TrainerWorker)
-        .options(**trainer_slot.actor_options(), name="trainer-0")
-        .remote(trainer_slot.worker_config(cfg), model_path, url)
-    )
+        .options(**slot.actor_options(), name=f"trainer-{rank}")
+        .remote(slot.worker_config(cfg), model_path, url, rank, master)
+        for rank, slot in enumerate(trainer_slots)
+    ]
     rollouts = [  # Ray restarts a rollout worker whose process died; the Supervisor brings it back
         ray.remote(RolloutWorker)
         .options(**slot.actor_options(), max_concurrency=4, max_restarts=cfg.run.max_restarts)
         .remote(slot.worker_config(cfg), model_path, url, f"rollout-{i}")
         for i, slot in enumerate(slots["rollout"])
     ]
-    ray.get([trainer.ready.remote(), *[w.ready.remote() for w in rollouts]], timeout=cfg.run.step_timeout_s)
-    return trainer, rollouts
+    ray.get([w.ready.remote() for w in [*trainers, *rollouts]], timeout=cfg.run.step_timeout_s)
+    return trainers, rollouts
 
 
 def _issue_prompts(store, scheduler: Scheduler, prompts) -> int:

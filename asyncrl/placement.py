@@ -165,12 +165,6 @@ def reserve(cfg: Config) -> dict[str, list[Slot]]:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pool_list = pools(cfg)
-    trainers = [pool for pool in pool_list if pool.role == "trainer"]
-    if trainers[0].count != 1:
-        raise PlacementError(
-            f"trainer pool {trainers[0].name!r} has count={trainers[0].count}: one trainer worker is supported "
-            "(data-parallel trainer ranks are not implemented yet)"
-        )
     check_fits(pool_list, node_resources())
     slots: dict[str, list[Slot]] = {"trainer": [], "rollout": []}
     for pool in pool_list:

@@ -37,15 +37,20 @@ class WorkerLost(RuntimeError):
     """A worker of the run died and cannot be brought back; the message says what is left to do."""
 
 
+def worker_names(trainers: list, rollouts: list) -> list[str]:
+    """``trainer-<rank>`` then ``rollout-<i>``: the workers' names in processes.json and the memory metrics."""
+    return [*[f"trainer-{rank}" for rank in range(len(trainers))], *[f"rollout-{i}" for i in range(len(rollouts))]]
+
+
 class Supervisor:
-    """The driver's watch over one trainer and its rollout workers (see the module docstring)."""
+    """The driver's watch over the trainer ranks and the rollout workers (see the module docstring)."""
 
     def __init__(
-        self, cfg: Config, trainer: Any, rollouts: list, weight_sync: Any, run_dir: Path | None, redis_pid: int | None
+        self, cfg: Config, trainers: list, rollouts: list, weight_sync: Any, run_dir: Path | None, redis_pid: int | None
     ) -> None:
         import ray
 
-        self.cfg, self.trainer, self.rollouts, self.weight_sync = cfg, trainer, rollouts, weight_sync
+        self.cfg, self.trainers, self.rollouts, self.weight_sync = cfg, trainers, rollouts, weight_sync
         self.run_dir = run_dir
         self.restarts = [0] * len(rollouts)
         """Restarts of each rollout worker so far."""
@@ -55,8 +60,8 @@ class Supervisor:
         """Worker index -> the pid ``kill_hung`` killed (Ray takes seconds to end a stopped process)."""
         self.store_restarts = 0
         """Restarts of the embedded store server seen so far (``follow_store``)."""
-        reports = ray.get([trainer.memory.remote(), *[w.memory.remote() for w in rollouts]], timeout=30)
-        names = ["trainer-0", *[f"rollout-{i}" for i in range(len(rollouts))]]
+        reports = ray.get([w.memory.remote() for w in [*trainers, *rollouts]], timeout=30)
+        names = worker_names(trainers, rollouts)
         self.pids = {"driver": os.getpid(), **{name: int(r["pid"]) for name, r in zip(names, reports, strict=True)}}
         if redis_pid is not None:
             self.pids["redis"] = redis_pid
@@ -134,8 +139,10 @@ class Supervisor:
 
         if not isinstance(err, ray.exceptions.RayActorError):
             return None
-        if err.actor_id is not None and err.actor_id != self.trainer._actor_id.hex():
+        ranks = [t._actor_id.hex() for t in self.trainers]
+        if err.actor_id is not None and err.actor_id not in ranks:
             return None
+        name = f"trainer-{ranks.index(err.actor_id) if err.actor_id is not None else 0}"
         from asyncrl.checkpoint import list_checkpoints
 
         found = list_checkpoints(self.run_dir) if self.run_dir is not None else []
@@ -143,8 +150,7 @@ class Supervisor:
             where = f"resume from the newest checkpoint: asyncrl ckpt resume {found[-1].path} (step {found[-1].step})"
         else:
             where = "no checkpoint was written yet (run.checkpoint_every), so the run must start over"
-        pid = self.pids["trainer-0"]
-        return WorkerLost(f"the trainer (trainer-0, pid {pid}) died at optimizer step {step + 1}; {where}")
+        return WorkerLost(f"the trainer ({name}, pid {self.pids[name]}) died at optimizer step {step + 1}; {where}")
 
     def _status(self, index: int, ref: Any) -> dict:
         """Worker ``index``'s ``status()``, through a restart of its actor."""

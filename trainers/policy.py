@@ -309,7 +309,8 @@ class PolicyTrainer:
         self.engine.save_checkpoint(
             folder, tag="engine", client_state={"torch_rng_state": torch.get_rng_state()}, save_latest=False
         )
-        self.engine.module.config.save_pretrained(os.path.join(folder, "hf_config"))
+        if torch.distributed.get_rank() == 0:  # data-parallel ranks hold the same model
+            self.engine.module.config.save_pretrained(os.path.join(folder, "hf_config"))
 
     def load_state(self, folder: str, lr: float | None = None) -> None:
         """Load what ``save_state`` wrote: module, optimizer and LR schedule through DeepSpeed, then the torch RNG;

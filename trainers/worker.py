@@ -25,11 +25,20 @@ if TYPE_CHECKING:  # both import torch, which the controller process never loads
 
 
 class TrainerWorker:
-    def __init__(self, cfg: Config, model_path: str, store_url: str) -> None:
+    def __init__(self, cfg: Config, model_path: str, store_url: str, rank: int = 0, master: str = "") -> None:
+        """``rank`` of ``cfg.trainer_ranks`` data-parallel ranks; with more than one, ``master`` (``host:port`` on
+        rank 0's node) is where their gloo/NCCL group meets: the constructor returns once every rank joined."""
+        import os
+
         from storage import TrajectoryStore
         from trainers.policy import PolicyTrainer
 
-        self.cfg = cfg
+        self.cfg, self.rank, self.consumer = cfg, rank, f"trainer-{rank}"
+        if cfg.trainer_ranks > 1:
+            host, _, port = master.rpartition(":")
+            os.environ.update(
+                RANK=str(rank), WORLD_SIZE=str(cfg.trainer_ranks), LOCAL_RANK="0", MASTER_ADDR=host, MASTER_PORT=port
+            )
         self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
         tc = cfg.trainer
@@ -41,7 +50,7 @@ class TrainerWorker:
             grad_clip=tc.grad_clip,
             zero_stage=tc.zero_stage,
             micro_batch_size=tc.micro_batch_size,
-            grad_accum_steps=cfg.samples_per_step // tc.micro_batch_size,
+            grad_accum_steps=cfg.samples_per_rank // tc.micro_batch_size,
             temperature=cfg.rollout.temperature,
             loss=tc.loss,
             loss_config=build_loss_config(cfg),
@@ -95,7 +104,12 @@ class TrainerWorker:
 
     def _read(self, count: int, block_ms: int) -> list:
         return self.store.read(
-            Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=count, block_ms=block_ms, expect=TRAJECTORY_SCHEMA
+            Streams.TRAJECTORIES,
+            Groups.TRAINER,
+            self.consumer,
+            count=count,
+            block_ms=block_ms,
+            expect=TRAJECTORY_SCHEMA,
         )
 
     def _start_prefetch(self, count: int) -> None:
@@ -128,13 +142,14 @@ class TrainerWorker:
 
         from asyncrl.checkpoint import write_groups
 
-        self.policy.save_state(folder)
-        self.tokenizer.save_pretrained(os.path.join(folder, "hf_config"))
+        self.policy.save_state(folder)  # every rank: DeepSpeed writes each one's optimizer partition
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(os.path.join(folder, "hf_config"))
         if not keep_groups:
             return 0
         while self._read_entries(100, block_ms=0):
             pass
-        return write_groups(folder, [group for group, _ in self.carry])
+        return write_groups(folder, [group for group, _ in self.carry], self.rank)
 
     def load_checkpoint(self, folder: str) -> None:
         """Restore the policy's engine state (module, optimizer, LR schedule) and RNG from a checkpoint folder, at
@@ -194,7 +209,7 @@ class TrainerWorker:
         """Acknowledge, untrained, every trajectory entry waiting or carried; returns how many (between the
         phases of ``asyncrl bench pipeline``, once no rollout worker holds a prompt)."""
         ids = set(self.entry_groups) | {entry.id for entry in self._take_prefetch()}
-        while entries := self.store.read(Streams.TRAJECTORIES, Groups.TRAINER, "trainer-0", count=100, block_ms=0):
+        while entries := self.store.read(Streams.TRAJECTORIES, Groups.TRAINER, self.consumer, count=100, block_ms=0):
             ids.update(entry.id for entry in entries)
         self.carry, self.entry_groups = [], {}
         self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, sorted(ids))
@@ -211,7 +226,7 @@ class TrainerWorker:
         cfg, started = self.cfg, time.monotonic()
         bound = cfg.scheduler.max_staleness if max_staleness is None else max_staleness
         deadline = started + cfg.run.step_timeout_s
-        needed, micro = cfg.samples_per_step, cfg.trainer.micro_batch_size
+        needed, micro = cfg.samples_per_rank, cfg.trainer.micro_batch_size  # this rank's share of the global batch
         pending: list[pa.Table] = []
         scorer = GroupScorer(self.scoring, needed)
         finished_entries, ledger, stats = [], [], []
