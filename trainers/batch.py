@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -54,75 +53,56 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     """
     if table.num_rows == 0:
         raise ValueError("collate needs at least one trajectory row")
-    prompts, prompt_starts = _list_column(table, "prompt_ids")
-    responses, response_starts = _list_column(table, "response_ids")
-    prompt_lengths, response_lengths = np.diff(prompt_starts), np.diff(response_starts)
-    lengths = prompt_lengths + response_lengths
-    batch_size, max_len = table.num_rows, int(lengths.max())
-    # Every response token's (row, position): the flattened response columns index straight into [B, L].
-    token_rows = np.repeat(np.arange(batch_size), response_lengths)
-    token_columns = np.arange(len(responses)) - np.repeat(response_starts[:-1] - prompt_lengths, response_lengths)
+    prompts = table.column("prompt_ids").to_pylist()
+    responses = table.column("response_ids").to_pylist()
+    behavior = table.column("behavior_logprobs").to_pylist()
+    reference = table.column("ref_logprobs").to_pylist() if "ref_logprobs" in table.column_names else None
+    loss_masks = table.column("loss_mask").to_pylist() if "loss_mask" in table.column_names else [None] * len(prompts)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    batch_size, max_len = table.num_rows, max(lengths)
 
-    input_ids = np.full((batch_size, max_len), pad_id, dtype=np.int64)
-    input_ids[
-        np.repeat(np.arange(batch_size), prompt_lengths),
-        np.arange(len(prompts)) - np.repeat(prompt_starts[:-1], prompt_lengths),
-    ] = prompts
-    input_ids[token_rows, token_columns] = responses
-    attention_mask = (np.arange(max_len) < lengths[:, None]).astype(np.int64)
-    response_mask = np.zeros((batch_size, max_len), dtype=np.float32)
-    response_mask[token_rows, token_columns] = _per_token(
-        table, "loss_mask", "loss_mask entries", response_lengths, 1.0
-    )
-    behavior_logprobs = np.zeros((batch_size, max_len), dtype=np.float32)
-    behavior_logprobs[token_rows, token_columns] = _per_token(
-        table, "behavior_logprobs", "behavior_logprobs", response_lengths
-    )
+    input_ids = torch.full((batch_size, max_len), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((batch_size, max_len), dtype=torch.int64)
+    response_mask = torch.zeros((batch_size, max_len), dtype=torch.float32)
+    behavior_logprobs = torch.zeros((batch_size, max_len), dtype=torch.float32)
+    ref_logprobs = torch.zeros((batch_size, max_len), dtype=torch.float32)
+    sample_ids = table.column("sample_id").to_pylist()
+    for row, (prompt, response, logprobs) in enumerate(zip(prompts, responses, behavior, strict=True)):
+        if len(logprobs) != len(response):
+            raise ValueError(
+                f"trajectory {sample_ids[row]!r}: {len(logprobs)} behavior_logprobs for {len(response)} response tokens"
+            )
+        start, end = len(prompt), len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor(prompt + response, dtype=torch.int64)
+        attention_mask[row, :end] = 1
+        if loss_masks[row] is None:
+            response_mask[row, start:end] = 1.0
+        elif len(loss_masks[row]) != len(response):
+            raise ValueError(
+                f"trajectory {sample_ids[row]!r}: {len(loss_masks[row])} loss_mask entries "
+                f"for {len(response)} response tokens"
+            )
+        else:
+            response_mask[row, start:end] = torch.tensor(loss_masks[row], dtype=torch.float32)
+        behavior_logprobs[row, start:end] = torch.tensor(logprobs, dtype=torch.float32)
+        if reference is not None:
+            if len(reference[row]) != len(response):
+                raise ValueError(
+                    f"trajectory {sample_ids[row]!r}: {len(reference[row])} ref_logprobs "
+                    f"for {len(response)} response tokens"
+                )
+            ref_logprobs[row, start:end] = torch.tensor(reference[row], dtype=torch.float32)
+
     batch = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "response_mask": torch.from_numpy(response_mask),
-        "behavior_logprobs": torch.from_numpy(behavior_logprobs),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "behavior_logprobs": behavior_logprobs,
         "advantages": _column_or_grpo_advantages(table),
     }
-    if "ref_logprobs" in table.column_names:
-        ref_logprobs = np.zeros((batch_size, max_len), dtype=np.float32)
-        ref_logprobs[token_rows, token_columns] = _per_token(table, "ref_logprobs", "ref_logprobs", response_lengths)
-        batch["ref_logprobs"] = torch.from_numpy(ref_logprobs)
+    if reference is not None:
+        batch["ref_logprobs"] = ref_logprobs
     return batch
-
-
-def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A list column's values, flattened, and the row offsets into them (row ``i`` is ``values[starts[i]:starts[i+1]]``;
-    a null list is empty)."""
-    column = table.column(name).combine_chunks()
-    starts = np.zeros(len(column) + 1, dtype=np.int64)
-    np.cumsum(pc.fill_null(pc.list_value_length(column), 0).to_numpy(), out=starts[1:])
-    return column.flatten().to_numpy(zero_copy_only=False), starts
-
-
-def _per_token(
-    table: pa.Table, name: str, what: str, response_lengths: np.ndarray, default: float | None = None
-) -> np.ndarray:
-    """The list column ``name`` as one float32 value per response token, in row order. A row whose list is null (or
-    a table without the column) takes ``default`` when one is given; a list of another length than the row's
-    response is an error naming the trajectory."""
-    if name not in table.column_names:
-        return np.full(int(response_lengths.sum()), default, dtype=np.float32)
-    values, starts = _list_column(table, name)
-    present = table.column(name).is_valid().to_numpy(zero_copy_only=False) if default is not None else True
-    bad = np.flatnonzero(present & (np.diff(starts) != response_lengths))
-    if len(bad):
-        row = int(bad[0])
-        sample_id = table.column("sample_id")[row].as_py()
-        raise ValueError(
-            f"trajectory {sample_id!r}: {int(np.diff(starts)[row])} {what} for {int(response_lengths[row])} response tokens"
-        )
-    if default is None or present.all():
-        return values.astype(np.float32, copy=False)
-    per_token = np.full(int(response_lengths.sum()), default, dtype=np.float32)
-    per_token[np.repeat(present, response_lengths)] = values
-    return per_token
 
 
 def mask_summary(loss_mask: list[int] | None) -> dict[str, int]:
@@ -145,7 +125,7 @@ def with_advantages(table: pa.Table, scoring: Scoring | None = None) -> pa.Table
     ``reward_failed`` (or a null reward) is left out of the statistics and gets advantage 0:
     it still passes through the model but moves no weight.
     """
-    values = pa.array(_advantages(table, scoring or Scoring()).numpy(), type=pa.float32())
+    values = pa.array(_advantages(table, scoring or Scoring()).tolist(), type=pa.float32())
     if "advantages" in table.column_names:
         return table.set_column(table.column_names.index("advantages"), "advantages", values)
     return table.append_column("advantages", values)
@@ -215,21 +195,22 @@ def _column_or_grpo_advantages(table: pa.Table) -> Tensor:
     column = table.column("advantages")
     if not pa.types.is_floating(column.type):
         raise ValueError(f"the advantages column must hold one float per row, got {column.type}")
-    if column.null_count:
+    values = column.to_pylist()
+    if any(value is None for value in values):
         raise ValueError("the advantages column has nulls; run with_advantages on whole groups first")
-    return torch.from_numpy(column.to_numpy().astype(np.float32))
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _valid_rewards(table: pa.Table) -> tuple[Tensor, Tensor, Tensor]:
     """``valid`` ``[B]`` bool (a reward that did not fail), those rows' rewards, and every row's group code."""
-    rewards = table.column("reward")
-    valid = pc.is_valid(rewards)
-    if "reward_failed" in table.column_names:  # a null flag is not a failure
-        valid = pc.and_(valid, pc.invert(pc.fill_null(table.column("reward_failed"), False)))
-    valid = valid.to_numpy(zero_copy_only=False)
-    kept_rewards = rewards.to_numpy(zero_copy_only=False)[valid].astype(np.float32)
-    group_codes = table.column("group_id").combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False)
-    return torch.from_numpy(valid), torch.from_numpy(kept_rewards), torch.from_numpy(group_codes.astype(np.int64))
+    rewards = table.column("reward").to_pylist()
+    failed = (
+        table.column("reward_failed").to_pylist() if "reward_failed" in table.column_names else [False] * len(rewards)
+    )
+    valid = [reward is not None and not bad for reward, bad in zip(rewards, failed, strict=True)]
+    group_codes = table.column("group_id").combine_chunks().dictionary_encode().indices.to_pylist()
+    kept_rewards = torch.tensor([r for r, ok in zip(rewards, valid, strict=True) if ok], dtype=torch.float32)
+    return torch.tensor(valid, dtype=torch.bool), kept_rewards, torch.tensor(group_codes, dtype=torch.int64)
 
 
 def _advantages(table: pa.Table, scoring: Scoring) -> Tensor:
@@ -238,9 +219,7 @@ def _advantages(table: pa.Table, scoring: Scoring) -> Tensor:
     if not valid.any():
         return advantages
     if scoring.overlong_buffer > 0:
-        lengths = torch.from_numpy(pc.list_value_length(table.column("response_ids")).to_numpy().astype(np.int64))[
-            valid
-        ]
+        lengths = torch.tensor(pc.list_value_length(table.column("response_ids")).to_pylist())[valid]
         rewards = rewards + overlong_penalty(
             lengths, scoring.max_response_len, scoring.overlong_buffer, scoring.overlong_penalty
         )
