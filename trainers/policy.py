@@ -106,6 +106,18 @@ def init_distributed(backend: str) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # With a process group already in place DeepSpeed only wraps it.
     deepspeed.init_distributed(dist_backend=backend)
+    _forget_stale_world_clone()
+
+
+def _forget_stale_world_clone() -> None:
+    """DeepSpeed keeps one clone of the world group per process (``groups._WORLD_GROUP``, private). When the default
+    group was destroyed and made again in this process (an in-process vLLM engine closed, then another trainer), the
+    clone belongs to the old one and torch no longer knows it; drop it so DeepSpeed clones the current world."""
+    from deepspeed.utils import groups
+    from torch.distributed import distributed_c10d
+
+    if groups._WORLD_GROUP is not None and groups._WORLD_GROUP not in distributed_c10d._world.pg_group_ranks:
+        groups._WORLD_GROUP = None
 
 
 def deepspeed_config(
