@@ -141,12 +141,13 @@ def _parser() -> argparse.ArgumentParser:
         bench_commands,
         "sync",
         help="our bucketed weight broadcast vs the in-process copy limit and a naive per-tensor push",
-        description="Sync a ~150 MB, 122-tensor Qwen2 from this process into one vLLM engine in a child process "
-        "over a gloo sync group: (a) an in-process copy of the same bytes (the limit here), (b) our bucketed, "
-        "pipelined broadcast (sync.bucket_mb) until the engine staged the last bucket, (c) a naive push of the "
-        "state dict tensor by tensor (a pickled message per tensor), R times after a warm-up; then the engine's "
-        "decode tokens/s during back-to-back syncs (sync.mode) vs without. Prints GB/s and ratios, and last the "
-        "line 'sync ratio (ours/naive per-tensor): X'.",
+        description="Sync a ~150 MB, 122-tensor Qwen2 from this process into one vLLM engine in a child process: "
+        "(a) an in-process copy of the same bytes (the limit here), (b) our bucketed, pipelined sync "
+        "(sync.bucket_mb) over a gloo group and over shared memory until the engine staged the last bucket, "
+        "(c) a naive push of the state dict tensor by tensor over gloo (a pickled message per tensor), R times "
+        "after a warm-up; then the engine's decode tokens/s inside each shm sync (sync.mode) vs an equally long "
+        "window after it, KV cache kept and recomputed. Prints GB/s and ratios, and last the line "
+        "'sync ratio (ours/naive per-tensor): X' (ours over shm).",
     )
     sync_bench.add_argument(
         "--syncs", type=_positive, default=4, help="syncs during the decode measurement (default 4)"

@@ -1,21 +1,26 @@
-"""`asyncrl bench sync`: our bucketed broadcast against the copy limit and a naive per-tensor push.
+"""`asyncrl bench sync`: our bucketed sync against the copy limit and a naive per-tensor push.
 
 The model is a seeded Qwen2 of ~150 MB fp32 and 122 tensors (hidden 512, 10 layers), built once into
 the cache. This process plays the trainer (the model's state dict is the source); one vLLM engine
-runs in a child process (``asyncrl.sync.local``) joined to a gloo sync group (the broadcast
-transport, ``sync.bucket_mb`` buckets). Sides, each timed ``repeats`` times after a warm-up, medians:
+runs in a child process (``asyncrl.sync.local``), linked first by a gloo sync group (the broadcast
+transport), then by the shm transport, ``sync.bucket_mb`` buckets. Sides, each timed ``repeats``
+times after a warm-up, medians:
 
-- ``in-process copy``: every tensor copied into a preallocated destination in this process: the
-  memory-bandwidth limit for moving these bytes once (the link here is memory too).
+- ``in-process copy``: every tensor copied into a preallocated destination in this process, on one
+  thread (each copy on our path runs on one) and on all of this process's CPUs: the memory-bandwidth
+  limit for moving these bytes once (the link here is memory too).
 - ``ours``: ``PoolSender.send`` (cast/flatten of bucket i+1 overlapping the send of bucket i) until
-  the engine has staged the last bucket. The engine's switch (the reload it pauses for) is shown
+  the engine has staged the last bucket, over gloo and over shm. The engine's switch is shown
   separately: it is the same for any transport.
-- ``naive``: the full state dict pushed tensor by tensor over the same group: per tensor a pickled
+- ``naive``: the full state dict pushed tensor by tensor over the gloo group: per tensor a pickled
   (name, tensor) message (its length, then its bytes), unpickled by the engine into a fresh tensor.
-- decode throughput: the engine keeps a batch decoding; tokens/s over back-to-back ``inflight`` syncs
-  (receive + switch) against the same span without a sync.
+- decode throughput: the engine keeps a batch decoding on a CPU of its own (the trainer and the
+  engine's sync thread on the others); tokens/s inside each ``inflight`` shm sync's window (first
+  bucket asked for to the end of the first step on the new weights) against an equally long window
+  right after it, with running requests keeping their KV cache and with it recomputed.
 
-The last line is ``sync ratio (ours/naive per-tensor): X``.
+The last line is ``sync ratio (ours/naive per-tensor): X`` (ours over shm); the same-link ratio (ours
+over gloo) is the line before.
 """
 
 from __future__ import annotations
@@ -244,8 +249,8 @@ def bench_sync(
             "(running requests keep their KV cache)")  # fmt: skip
         say(f"decode ratio (during sync/without, {cfg.sync.mode}, KV cache recomputed after the switch): "
             f"{during[True] / max(without[True], 1e-9):.2f}")  # fmt: skip
-        say(f"shm ratio (ours over shm/naive per-tensor over gloo): {medians[NAIVE] / medians[SHM]:.2f}")
+        say(f"same-link ratio (ours over gloo/naive per-tensor over gloo): {medians[NAIVE] / medians[GLOO]:.2f}")
         sender.close()
     finally:
         engine.close()
-    say(f"sync ratio (ours/naive per-tensor): {medians[NAIVE] / medians[GLOO]:.2f}")
+    say(f"sync ratio (ours/naive per-tensor): {medians[NAIVE] / medians[SHM]:.2f}")
