@@ -50,6 +50,15 @@ def redis_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         yield server.url
 
 
+@pytest.fixture(scope="module")
+def one_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of one embedded server (the first version found), for tests that need a store but not the version matrix."""
+    if not SERVERS:
+        pytest.fail("no redis-server found: run launch/setup.sh")
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), server_bin=SERVERS[sorted(SERVERS)[0]]) as server:
+        yield server.url
+
+
 @pytest.fixture
 def store(redis_url: str) -> Iterator[TrajectoryStore]:
     """A TrajectoryStore of a run of its own; its keys are purged afterwards."""

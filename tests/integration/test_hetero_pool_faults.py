@@ -25,23 +25,12 @@ from asyncrl.controller import _launch_workers  # noqa: E402
 from asyncrl.models import resolve_model_path  # noqa: E402
 from asyncrl.runtime import ray_session  # noqa: E402
 from asyncrl.weight_sync import CONNECT_MARGIN_S, BucketedSync, EnginesHung, build_weight_sync  # noqa: E402
-from storage import EmbeddedRedis  # noqa: E402
-from tests.conftest import SERVERS  # noqa: E402
 
 HANG_S = 4.0
 POOLS = (
     "resources.pools=[{name: trainers, role: trainer, cpus: 1}, {name: fp32, role: rollout, cpus: 1}, "
     "{name: bf16, role: rollout, cpus: 1, dtype: bfloat16, sync_transport: store, sync_bucket_mb: 0.1}]"
 )
-
-
-@pytest.fixture(scope="module")
-def one_redis(tmp_path_factory):
-    """One server is enough here (the store transport's server matrix runs in test_sync_transports.py)."""
-    if not SERVERS:
-        pytest.fail("no redis-server found: run launch/setup.sh")
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), server_bin=SERVERS[sorted(SERVERS)[0]]) as server:
-        yield server.url
 
 
 def test_a_stopped_engine_fails_only_its_pools_sync_and_rejoins_its_pools_link(tmp_path, one_redis):

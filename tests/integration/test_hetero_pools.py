@@ -36,11 +36,8 @@ from asyncrl.sync.local import EngineProcess  # noqa: E402
 from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
 from asyncrl.sync.sender import PoolSender, PoolsFailed, send_to_pools  # noqa: E402
 from asyncrl.sync.transport import SENDER_RANK, LinkSpec, build_transport  # noqa: E402
-from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows  # noqa: E402
 from asyncrl.weight_sync import PoolLink, pool_links  # noqa: E402
-from storage import EmbeddedRedis  # noqa: E402
-from tests.conftest import SERVERS  # noqa: E402
-from trainers.batch import collate  # noqa: E402
+from tests.integration.sync_checks import logprob_gap, sampled_batch  # noqa: E402
 from trainers.policy import PolicyTrainer  # noqa: E402
 
 FP32_TOLERANCE = 1e-5
@@ -55,42 +52,6 @@ resources:
     - {name: fp32, role: rollout, cpus: 1}
     - {name: bf16, role: rollout, cpus: 1, dtype: bfloat16, sync_transport: store, sync_bucket_mb: 0.1}
 """
-
-
-@pytest.fixture(scope="module")
-def one_redis(tmp_path_factory):
-    """One server is enough here (the store transport's server matrix runs in test_sync_transports.py)."""
-    if not SERVERS:
-        pytest.fail("no redis-server found: run launch/setup.sh")
-    with EmbeddedRedis(tmp_path_factory.mktemp("redis"), server_bin=SERVERS[sorted(SERVERS)[0]]) as server:
-        yield server.url
-
-
-def _batch(sequences: list[dict]) -> dict:
-    rows = [
-        {
-            **{
-                key: seq[key]
-                for key in ("prompt_ids", "response_ids", "token_versions", "finish_reason", "gen_seconds")
-            },
-            "sample_id": seq["request_id"],
-            "prompt_id": "p0",
-            "group_id": "g0",
-            "behavior_logprobs": seq["logprobs"],
-            "version_start": min(seq["token_versions"]),
-            "version_end": max(seq["token_versions"]),
-            "reward": float(i % 2),
-            "reward_failed": False,
-            "worker_id": "w0",
-        }
-        for i, seq in enumerate(sequences)
-    ]
-    return collate(table_from_rows(rows, TRAJECTORY_SCHEMA), pad_id=0)
-
-
-def _max_gap(trainer: PolicyTrainer, batch: dict) -> float:
-    mask = batch["response_mask"].bool()
-    return (trainer.logprobs(batch)[mask] - batch["behavior_logprobs"][mask]).abs().max().item()
 
 
 def _logprob_gap(samples: list[dict], reference: list[dict]) -> float:
@@ -151,10 +112,10 @@ def test_two_pools_of_different_dtype_each_match_the_trainer_after_every_sync(tm
             engine.reply("connect", TIMEOUT_S + 10)
 
         for version in (1, 2):
-            batch = _batch(engines["fp32"].call("sample", PROMPTS, f"train-v{version}", 12))
+            batch = sampled_batch(engines["fp32"].call("sample", PROMPTS, f"train-v{version}", 12))
             trainer.forward_backward(batch)
             trainer.optimizer_step()
-            assert _max_gap(trainer, batch) > 1e-3  # the step changed the policy, so the checks below can fail
+            assert logprob_gap(trainer, batch) > 1e-3  # the step changed the policy, so the checks below can fail
             stale_bf16 = engines["bf16"].call("sample", PROMPTS, f"bf16-v{version}", 12)  # before the sync
             for engine in engines.values():
                 engine.send_only("sync", version, "inflight")
@@ -166,7 +127,7 @@ def test_two_pools_of_different_dtype_each_match_the_trainer_after_every_sync(tm
 
             fp32 = engines["fp32"].call("sample", PROMPTS, f"fp32-v{version}", 12)
             assert all(seq["token_versions"] == [version] * len(seq["response_ids"]) for seq in fp32)
-            assert _max_gap(trainer, _batch(fp32)) < FP32_TOLERANCE
+            assert logprob_gap(trainer, sampled_batch(fp32)) < FP32_TOLERANCE
 
             staged = engines["bf16"].call("staged")
             assert set(staged) == set(tensors)
@@ -184,7 +145,7 @@ def test_two_pools_of_different_dtype_each_match_the_trainer_after_every_sync(tm
             assert _logprob_gap(bf16, expected) < SAME_ENGINE_TOLERANCE
             assert _logprob_gap(stale_bf16, expected) > 1e-3  # the same check on the weights before: it can fail
             # And near the fp32 trainer: bfloat16 rounding only (0.003-0.006 measured; a wrong cast is far off).
-            assert _max_gap(trainer, _batch(bf16)) < 0.05
+            assert logprob_gap(trainer, sampled_batch(bf16)) < 0.05
         for sender in senders.values():
             sender.close()
     finally:

@@ -32,8 +32,7 @@ from asyncrl.sync.local import EngineProcess, EngineProcessError  # noqa: E402
 from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
 from asyncrl.sync.sender import PoolSender, send_to_pools  # noqa: E402
 from asyncrl.sync.transport import SENDER_RANK, LinkSpec, SyncError, build_transport  # noqa: E402
-from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows  # noqa: E402
-from trainers.batch import collate  # noqa: E402
+from tests.integration.sync_checks import logprob_gap, sampled_batch  # noqa: E402
 from trainers.policy import PolicyTrainer  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -88,33 +87,6 @@ def _connect(plan: SyncPlan, spec: LinkSpec, engines: list[EngineProcess]) -> Po
     return sender
 
 
-def _batch(sequences: list[dict]) -> dict:
-    rows = [
-        {
-            **{
-                key: seq[key]
-                for key in ("prompt_ids", "response_ids", "token_versions", "finish_reason", "gen_seconds")
-            },
-            "sample_id": seq["request_id"],
-            "prompt_id": "p0",
-            "group_id": "g0",
-            "behavior_logprobs": seq["logprobs"],
-            "version_start": min(seq["token_versions"]),
-            "version_end": max(seq["token_versions"]),
-            "reward": float(i % 2),
-            "reward_failed": False,
-            "worker_id": "w0",
-        }
-        for i, seq in enumerate(sequences)
-    ]
-    return collate(table_from_rows(rows, TRAJECTORY_SCHEMA), pad_id=0)
-
-
-def _max_gap(trainer: PolicyTrainer, batch: dict) -> float:
-    mask = batch["response_mask"].bool()
-    return (trainer.logprobs(batch)[mask] - batch["behavior_logprobs"][mask]).abs().max().item()
-
-
 def test_engine_logprobs_match_the_trainer_after_every_gloo_broadcast(trainer, engine):
     _check_parity(trainer, engine, "broadcast", "")
 
@@ -135,17 +107,17 @@ def _check_parity(trainer: PolicyTrainer, engine: EngineProcess, transport: str,
     version = engine.call("sample", PROMPTS, "probe", 1)[0]["token_versions"][0]
     for _ in range(2):
         before = engine.call("sample", PROMPTS, f"v{version}", 12)
-        batch = _batch(before)
+        batch = sampled_batch(before)
         trainer.forward_backward(batch)
         trainer.optimizer_step()
-        assert _max_gap(trainer, batch) > 1e-3  # the step changed the policy, so the check below can fail
+        assert logprob_gap(trainer, batch) > 1e-3  # the step changed the policy, so the check below can fail
         version += 1
         engine.send_only("sync", version, "inflight")
         sender.send(module_tensors(trainer.engine.module), version)
         engine.reply("sync", TIMEOUT_S + 10)
         after = engine.call("sample", PROMPTS, f"v{version}", 12)
         assert all(seq["token_versions"] == [version] * len(seq["response_ids"]) for seq in after)
-        assert _max_gap(trainer, _batch(after)) < TOLERANCE
+        assert logprob_gap(trainer, sampled_batch(after)) < TOLERANCE
     sender.close()
 
 
