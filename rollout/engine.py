@@ -314,6 +314,9 @@ class GenerationEngine:
             return False
         try:
             if self._staged is None or self._staged.names != {name for name, _ in named_tensors}:
+                workers = self._engine.vllm_config.parallel_config.world_size
+                if workers != 1:  # workers in other processes: their models are not reachable from here
+                    raise StagingUnsupported(f"{workers} vLLM workers; staging needs the one in this process")
                 with self._lock:
                     (model,) = self._engine.collective_rpc(_model_on_worker)
                 self._staged = StagedWeights(model, [(name, tuple(t.shape)) for name, t in named_tensors])

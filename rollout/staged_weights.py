@@ -141,7 +141,9 @@ class StagedWeights:
         A packed weight whose tensors lie back to back in the caller's memory, in row order (a bucket holds
         ``gate_proj`` then ``up_proj``; ``o_proj`` alone), is packed straight from there: the handle copies
         what it needs, so the spare is skipped (not with zentorch, whose handle may read the weight later)."""
-        seen, pieces = set(), {}
+        import torch
+
+        seen, pieces, destinations, sources = set(), {}, [], []
         for name, tensor in named_tensors:
             target = self.targets.get(name)
             if target is None:
@@ -153,11 +155,14 @@ class StagedWeights:
             if target.removed and self.pack_in_place and view.dtype == target.dtype:
                 pieces.setdefault(id(target), []).append((first, view))
             else:
-                target.spare.narrow(0, first, rows).copy_(view)
+                destinations.append(target.spare.narrow(0, first, rows))
+                sources.append(view)
             seen.add(name)
         if len(seen) != len(self.targets):
             missing = sorted(set(self.targets) - seen)
             raise StagingUnsupported(f"the update lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+        # One call for every copy: the engine's stepping thread waits for the GIL at each return to Python.
+        torch._foreach_copy_(destinations, sources)
         for target in self._unique:
             if not target.packed:
                 continue
