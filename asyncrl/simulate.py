@@ -7,9 +7,10 @@ What it models (each piece mirrors the real code):
   until the step ends; each poll reads the trainer's drops after issuing, so a dropped group's
   slot is refilled one poll later (``admission_poll_s=0``: as soon as a slot opens).
 - Engines (rollout/worker.py): each takes whole groups (one store entry each) at once while
-  ``max_num_seqs // group_size`` has room (an idle worker's blocked read wakes on the first
-  entry and reads again at once after a read that found some), and decodes its running
-  sequences together (continuous batching): one decode step costs
+  it has a free sequence slot of ``max_num_seqs`` (an idle worker's blocked read wakes on the
+  first entry and reads again at once after a read that found some; a group's samples past the
+  slots wait in the engine's queue), and decodes up to ``max_num_seqs`` sequences together
+  (continuous batching): one decode step costs
   ``engine_step_s * (1 + engine_seq_share * (running - 1)) / pool speed`` and gives every
   running sequence a token. A group reaches the trainer ``reward_s`` after its last sample
   ends (scoring off the engine, a reward stage, the store hand-off).
@@ -85,7 +86,7 @@ class _Group:
 @dataclass(slots=True)
 class _Engine:
     speed: float
-    capacity: int  # groups at once
+    max_seqs: int  # sequences decoded at once (rollout.max_num_seqs); more wait in the engine's queue
     running: list[_Group] = field(default_factory=list)
     version: int = 0
     updated_at: float = 0.0
@@ -105,9 +106,8 @@ class _Pipeline:
         self.group_size = cfg.rollout.group_size
         self.rng = random.Random(sim.seed)
         self.median = sim.length_median or float(cfg.rollout.max_new_tokens)
-        capacity = max(1, cfg.rollout.max_num_seqs // self.group_size)
         self.engines = [
-            _Engine(speed=sim.pool_speed.get(name, 1.0), capacity=capacity)
+            _Engine(speed=sim.pool_speed.get(name, 1.0), max_seqs=cfg.rollout.max_num_seqs)
             for name, count in rollout_pools
             for _ in range(count)
         ]
@@ -171,46 +171,85 @@ class _Pipeline:
             lengths = [self._length() for _ in range(self.group_size)]
             self.queue.append(_Group(lengths=lengths, remaining=list(lengths)))
             self.issued += 1
-        for index in range(len(self.engines)):
-            self._fill(index)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand the queued groups out one by one, each to the engine with the fewest unfinished sequences that has a
+        free slot. The controller pushes one store entry per group; each entry wakes the worker blocked longest on
+        the stream, which reads again at once, so a burst spreads over the workers with room rather than filling
+        one engine before the next."""
+        for engine in self.engines:
+            self._advance(engine)
+        unfinished = [sum(1 for g in e.running for r in g.remaining if r > 0) for e in self.engines]
+        taken = set()
+        while self.queue:
+            free = [i for i, engine in enumerate(self.engines) if unfinished[i] < engine.max_seqs]
+            if not free:
+                break
+            index = min(free, key=unfinished.__getitem__)
+            self._take(self.engines[index], self.queue.popleft())
+            unfinished[index] += self.group_size
+            taken.add(index)
+        for index in sorted(taken):
+            self._schedule(index)
+
+    def _take(self, engine: _Engine, group: _Group) -> None:
+        # A group taken during a weight reload starts after it, at the version being synced.
+        group.version_start = engine.version if self.now >= engine.paused_until else self.version + 1
+        engine.running.append(group)
 
     def _length(self) -> float:
         sampled = LENGTH_SAMPLERS[self.sim.response_length](self.rng, self.median, self.sim.length_sigma)
         return float(min(self.cfg.rollout.max_new_tokens, max(1, round(sampled))))
 
     # engines --------------------------------------------------------------------------------
-    def _step_time(self, engine: _Engine) -> float:
-        running = sum(sum(1 for r in g.remaining if r > 0) for g in engine.running)
+    @staticmethod
+    def _active(engine: _Engine) -> list[tuple[_Group, int]]:
+        """The (group, sample) pairs the engine decodes now: the first ``max_seqs`` unfinished ones in arrival order
+        (the rest wait in its queue, as vLLM schedules waiting requests first come, first served)."""
+        active = []
+        for group in engine.running:
+            for sample, remaining in enumerate(group.remaining):
+                if remaining > 0:
+                    active.append((group, sample))
+                    if len(active) == engine.max_seqs:
+                        return active
+        return active
+
+    def _step_time(self, engine: _Engine, running: int) -> float:
         return self.sim.engine_step_s * (1 + self.sim.engine_seq_share * max(0, running - 1)) / engine.speed
 
     def _advance(self, engine: _Engine) -> None:
         """Bring ``engine``'s sequences forward to now."""
         start = max(engine.updated_at, engine.paused_until)
-        if self.now > start and engine.running:
-            tokens = (self.now - start) / self._step_time(engine)
-            for group in engine.running:
-                engine.tokens += sum(min(r, tokens) for r in group.remaining if r > 0)
-                group.remaining = [max(0.0, r - tokens) if r > 0 else r for r in group.remaining]
+        active = self._active(engine) if self.now > start else []
+        if active:
+            tokens = (self.now - start) / self._step_time(engine, len(active))
+            for group, sample in active:
+                engine.tokens += min(group.remaining[sample], tokens)
+                group.remaining[sample] = max(0.0, group.remaining[sample] - tokens)
             engine.busy += self.now - start
         engine.updated_at = max(self.now, engine.updated_at)
 
     def _fill(self, index: int) -> None:
+        """Give the engine queued groups while it has a free sequence slot (rollout/worker.py ``_free_groups``: a
+        group may take the last free slots; its other samples wait in the engine's queue)."""
         engine = self.engines[index]
         self._advance(engine)
-        while self.queue and len(engine.running) < engine.capacity:
-            group = self.queue.popleft()
-            # A group taken during a weight reload starts after it, at the version being synced.
-            group.version_start = engine.version if self.now >= engine.paused_until else self.version + 1
-            engine.running.append(group)
+        unfinished = sum(1 for group in engine.running for remaining in group.remaining if remaining > 0)
+        while self.queue and unfinished < engine.max_seqs:
+            self._take(engine, self.queue.popleft())
+            unfinished += self.group_size
         self._schedule(index)
 
     def _schedule(self, index: int) -> None:
         engine = self.engines[index]
         engine.epoch += 1
-        live = [r for g in engine.running for r in g.remaining if r > 0]
-        if live:
+        active = self._active(engine)
+        if active:
             start = max(self.now, engine.paused_until)
-            self._at(start + min(live) * self._step_time(engine), "engine", (index, engine.epoch))
+            first = min(group.remaining[sample] for group, sample in active)
+            self._at(start + first * self._step_time(engine, len(active)), "engine", (index, engine.epoch))
 
     def _on_engine(self, payload: tuple[int, int]) -> None:
         index, epoch = payload

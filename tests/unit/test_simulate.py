@@ -102,6 +102,25 @@ def test_a_dropped_groups_slot_is_refilled_one_poll_after_the_drop_is_read():
     assert pipeline.issued == 2
 
 
+def test_a_group_may_take_the_last_free_slots_and_its_other_samples_wait():
+    """max_num_seqs=3, groups of 2: the engine takes both groups of the step; three samples decode, one waits."""
+    pipeline = _Pipeline(load_config(None, [*HAND, "trainer.prompts_per_step=2", "rollout.max_num_seqs=3"]), 0, 1,
+                         [("rollout", 1)])  # fmt: skip
+    pipeline._poll()
+    engine = pipeline.engines[0]
+    assert len(engine.running) == 2 and len(pipeline._active(engine)) == 3
+    result = simulate(pipeline.cfg, max_staleness=0)  # the waiting sample decodes after the first three: 0.2 s
+    assert result.step_seconds == pytest.approx(0.3)  # then the second group trains 0.1 s after the first
+
+
+def test_a_burst_of_prompts_spreads_over_the_engines_with_room():
+    """Each entry wakes a worker waiting on the stream: 4 groups over 2 idle engines go 2 and 2, not 4 and 0."""
+    cfg = load_config(None, [*HAND, "trainer.prompts_per_step=4", "rollout.num_workers=2"])
+    pipeline = _Pipeline(cfg, 0, 1, [("rollout", 2)])
+    pipeline._poll()
+    assert [len(engine.running) for engine in pipeline.engines] == [2, 2]
+
+
 def test_the_simulated_decode_rate_is_tokens_per_busy_engine_second():
     # 2 sequences at 10 ms per decode step (engine_seq_share=0): 200 tokens per busy second, idle while training.
     result = simulate(load_config(None, HAND), max_staleness=0)
