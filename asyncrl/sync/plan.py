@@ -8,6 +8,12 @@ names, shapes or pickles per step.
 
 A tensor never straddles two buckets (a tensor larger than ``bucket_mb`` gets a bucket of its own),
 so the receiver can hand out views of a received bucket without reassembling anything.
+
+A pool whose engines run tensor-parallel (``resources.pools[i].tensor_parallel`` = N) gets one plan
+with N rank layouts: rank r's buckets (``buckets_of(r)``) hold only rank r's shard of each weight
+(``asyncrl.sync.tp_layout``), a bucket never mixes ranks, and bucket indices run on across ranks, so
+one link carries all of them and each engine hands rank r's shards to its TP worker r. Each rank
+receives about 1/N of the sharded weights plus the replicated ones (norms) whole.
 """
 
 from __future__ import annotations
@@ -16,62 +22,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from asyncrl.sync.tp_layout import WHOLE, AttentionHeads, Shard, TPLayoutError, shard_of
+
 if TYPE_CHECKING:
     import torch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of each dtype a pool may receive."""
 
-# Tensor-parallel layout of Qwen2/Llama checkpoint weights, as vLLM shards them: column-parallel
-# layers split their output rows (dim 0), row-parallel layers their input columns (dim 1), the
-# vocabulary-parallel embedding and LM head split the vocabulary (dim 0). Anything else (norms,
-# rotary buffers) is replicated on every rank.
-_TP_SPLIT_DIM: dict[str, int] = {
-    "q_proj.weight": 0,
-    "q_proj.bias": 0,
-    "k_proj.weight": 0,
-    "k_proj.bias": 0,
-    "v_proj.weight": 0,
-    "v_proj.bias": 0,
-    "gate_proj.weight": 0,
-    "up_proj.weight": 0,
-    "o_proj.weight": 1,
-    "down_proj.weight": 1,
-    "embed_tokens.weight": 0,
-    "lm_head.weight": 0,
-}
-
 
 class PlanError(ValueError):
     """A plan that cannot be built or does not match the tensors it is applied to; names the tensor."""
-
-
-def tp_split_dim(name: str) -> int | None:
-    """The dimension along which tensor-parallel ranks split weight ``name``; None if replicated."""
-    for suffix, dim in _TP_SPLIT_DIM.items():
-        if name.endswith(suffix):
-            return dim
-    return None
-
-
-def tp_shard_shape(name: str, shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
-    """Shape of one rank's shard of ``name`` at tensor-parallel size ``tp_size``."""
-    dim = tp_split_dim(name)
-    if tp_size == 1 or dim is None:
-        return shape
-    if shape[dim] % tp_size:
-        # vLLM would pad the vocabulary or replicate KV heads here; this plan only splits evenly.
-        raise PlanError(f"{name}: dim {dim} of shape {list(shape)} does not split evenly across {tp_size} TP ranks")
-    return (*shape[:dim], shape[dim] // tp_size, *shape[dim + 1 :])
-
-
-def tp_shard(name: str, tensor: torch.Tensor, tp_size: int, tp_rank: int) -> torch.Tensor:
-    """Rank ``tp_rank``'s shard of ``tensor`` (a view; replicated weights come back whole)."""
-    dim = tp_split_dim(name)
-    if tp_size == 1 or dim is None:
-        return tensor
-    size = tp_shard_shape(name, tuple(tensor.shape), tp_size)[dim]
-    return tensor.narrow(dim, tp_rank * size, size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +43,10 @@ class TensorSlot:
     shape: tuple[int, ...]
     offset: int
     """Elements from the start of the bucket."""
+    split_dim: int | None = None
+    """The dimension of the full tensor this slot holds a TP shard of; None: the whole tensor."""
+    start: int = 0
+    """Where the shard starts along ``split_dim``."""
 
     @property
     def numel(self) -> int:
@@ -97,16 +62,17 @@ class Bucket:
     slots: tuple[TensorSlot, ...]
     numel: int
     """Elements in the flattened bucket (the sum of its slots)."""
+    tp_rank: int = 0
+    """The engine TP rank whose shards this bucket holds."""
 
 
 @dataclass(frozen=True, slots=True)
 class SyncPlan:
-    """One pool's plan: dtype, TP layout and the ordered buckets."""
+    """One pool's plan: dtype, TP layout and the ordered buckets (rank 0's first, then rank 1's, ...)."""
 
     pool: str
     dtype: str
     tp_size: int
-    tp_rank: int
     buckets: tuple[Bucket, ...]
 
     @classmethod
@@ -117,30 +83,42 @@ class SyncPlan:
         pool: str,
         dtype: str,
         bucket_mb: float,
-        tp_size: int = 1,
-        tp_rank: int = 0,
+        tensor_parallel: int = 1,
+        heads: AttentionHeads | None = None,
     ) -> SyncPlan:
-        """Cut the tensors named in ``shapes`` (in that order) into buckets of at most ``bucket_mb``
-        MiB of ``dtype``; a larger tensor gets a bucket of its own."""
+        """Cut the tensors named in ``shapes`` (in that order) into buckets of at most ``bucket_mb`` MiB of
+        ``dtype``; a larger tensor gets a bucket of its own. With ``tensor_parallel`` N > 1, each TP rank gets
+        its own buckets of its shards; ``heads`` (the model's attention heads) is then required."""
         if dtype not in DTYPE_BYTES:
             raise PlanError(f"pool {pool}: dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
-        if not 0 <= tp_rank < tp_size:
-            raise PlanError(f"pool {pool}: tp_rank {tp_rank} is not in [0, {tp_size})")
+        if tensor_parallel < 1:
+            raise PlanError(f"pool {pool}: tensor_parallel must be >= 1, got {tensor_parallel}")
+        if tensor_parallel > 1 and heads is None:
+            raise PlanError(f"pool {pool}: a tensor_parallel={tensor_parallel} plan needs the model's attention heads")
+        shapes = [(name, tuple(shape)) for name, shape in shapes]
         limit = max(1, int(bucket_mb * 2**20) // DTYPE_BYTES[dtype])
         buckets: list[Bucket] = []
-        slots: list[TensorSlot] = []
-        filled = 0
-        for name, shape in shapes:
-            slot = TensorSlot(name, tp_shard_shape(name, tuple(shape), tp_size), filled)
-            if slots and filled + slot.numel > limit:
-                buckets.append(Bucket(len(buckets), tuple(slots), filled))
-                slots, filled = [], 0
-                slot = TensorSlot(slot.name, slot.shape, 0)
-            slots.append(slot)
-            filled += slot.numel
-        if slots:
-            buckets.append(Bucket(len(buckets), tuple(slots), filled))
-        return cls(pool=pool, dtype=dtype, tp_size=tp_size, tp_rank=tp_rank, buckets=tuple(buckets))
+        for tp_rank in range(tensor_parallel):
+            slots: list[TensorSlot] = []
+            filled = 0
+            for name, shape in shapes:
+                shard = WHOLE if tensor_parallel == 1 else _shard(pool, name, shape, heads, tensor_parallel, tp_rank)
+                if slots and filled + _numel(shard.shape(shape)) > limit:
+                    buckets.append(Bucket(len(buckets), tuple(slots), filled, tp_rank))
+                    slots, filled = [], 0
+                slots.append(TensorSlot(name, shard.shape(shape), filled, shard.dim, shard.start))
+                filled += slots[-1].numel
+            if slots:
+                buckets.append(Bucket(len(buckets), tuple(slots), filled, tp_rank))
+        return cls(pool=pool, dtype=dtype, tp_size=tensor_parallel, buckets=tuple(buckets))
+
+    def buckets_of(self, tp_rank: int) -> tuple[Bucket, ...]:
+        """TP rank ``tp_rank``'s buckets, in order."""
+        return tuple(bucket for bucket in self.buckets if bucket.tp_rank == tp_rank)
+
+    def rank_nbytes(self, tp_rank: int) -> int:
+        """Bytes TP rank ``tp_rank`` receives per sync."""
+        return sum(bucket.numel for bucket in self.buckets_of(tp_rank)) * DTYPE_BYTES[self.dtype]
 
     @property
     def nbytes(self) -> int:
@@ -160,25 +138,21 @@ class SyncPlan:
             "pool": self.pool,
             "dtype": self.dtype,
             "tp_size": self.tp_size,
-            "tp_rank": self.tp_rank,
+            "bucket_ranks": [bucket.tp_rank for bucket in self.buckets],
             "buckets": [
-                [[slot.name, list(slot.shape), slot.offset] for slot in bucket.slots] for bucket in self.buckets
+                [[slot.name, list(slot.shape), slot.offset, slot.split_dim, slot.start] for slot in bucket.slots]
+                for bucket in self.buckets
             ],
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SyncPlan:
         buckets = []
-        for index, slots in enumerate(data["buckets"]):
-            parsed = tuple(TensorSlot(name, tuple(shape), offset) for name, shape, offset in slots)
-            buckets.append(Bucket(index, parsed, sum(slot.numel for slot in parsed)))
-        return cls(
-            pool=data["pool"],
-            dtype=data["dtype"],
-            tp_size=data["tp_size"],
-            tp_rank=data["tp_rank"],
-            buckets=tuple(buckets),
-        )
+        ranks = data.get("bucket_ranks") or [0] * len(data["buckets"])
+        for index, (slots, tp_rank) in enumerate(zip(data["buckets"], ranks, strict=True)):
+            parsed = tuple(TensorSlot(name, tuple(shape), *rest) for name, shape, *rest in slots)
+            buckets.append(Bucket(index, parsed, sum(slot.numel for slot in parsed), tp_rank))
+        return cls(pool=data["pool"], dtype=data["dtype"], tp_size=data["tp_size"], buckets=tuple(buckets))
 
     def torch_dtype(self) -> torch.dtype:
         import torch
@@ -192,13 +166,17 @@ class SyncPlan:
         return torch.zeros(bucket.numel, dtype=self.torch_dtype(), device=device)
 
     def flatten(self, bucket: Bucket, tensors: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """Cast and copy this pool's shard of every tensor of ``bucket`` into ``out[:bucket.numel]``."""
+        """Cast and copy the bucket's TP rank's shard of every tensor of ``bucket`` into ``out[:bucket.numel]``."""
         flat = out[: bucket.numel]
         for slot in bucket.slots:
             source = tensors.get(slot.name)
             if source is None:
                 raise PlanError(f"pool {self.pool}: bucket {bucket.index} needs {slot.name}, which the trainer lacks")
-            shard = tp_shard(slot.name, source, self.tp_size, self.tp_rank)
+            shard = (
+                source
+                if slot.split_dim is None
+                else source.narrow(slot.split_dim, slot.start, slot.shape[slot.split_dim])
+            )
             if tuple(shard.shape) != slot.shape:
                 raise PlanError(
                     f"pool {self.pool}: {slot.name} has shape {list(shard.shape)}, the plan says {list(slot.shape)}"
@@ -210,6 +188,20 @@ class SyncPlan:
     def unflatten(self, bucket: Bucket, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Named views into a received bucket (no copy: the engine copies them into its parameters)."""
         return [(slot.name, flat[slot.offset : slot.offset + slot.numel].view(slot.shape)) for slot in bucket.slots]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _shard(pool: str, name: str, shape: tuple[int, ...], heads: Any, tp_size: int, tp_rank: int) -> Shard:
+    try:
+        return shard_of(name, shape, heads, tp_size, tp_rank)
+    except TPLayoutError as err:
+        raise PlanError(f"pool {pool}: {err}") from err
 
 
 def module_tensors(module: Any) -> dict[str, torch.Tensor]:

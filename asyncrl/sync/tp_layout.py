@@ -93,7 +93,10 @@ def shard_of(name: str, shape: tuple[int, ...], heads: AttentionHeads, tp_size: 
         return _even(name, shape, 1, tp_size, tp_rank)
     if name.endswith(_VOCAB):
         vocab = shape[0]
-        rows = padded_vocab_rows(vocab, tp_size)
+        try:
+            rows = padded_vocab_rows(vocab, tp_size)
+        except TPLayoutError as err:
+            raise TPLayoutError(f"{name}: {err}") from None
         start = min(tp_rank * rows, vocab)
         return Shard(0, start, min((tp_rank + 1) * rows, vocab) - start)
     raise TPLayoutError(

@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from asyncrl.sync.broadcast import NCCL_MAX_CTAS, cta_limits, gloo_options  # noqa: E402
-from asyncrl.sync.plan import PlanError, SyncPlan, tp_shard, tp_shard_shape  # noqa: E402
+from asyncrl.sync.plan import PlanError, SyncPlan  # noqa: E402
+from asyncrl.sync.tp_layout import AttentionHeads  # noqa: E402
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -55,33 +56,60 @@ def test_plan_metadata_round_trips_through_plain_data():
     assert len(plan.buckets) > 1
 
 
-def test_tp_shards_concatenate_back_to_the_full_weight():
+HEADS = AttentionHeads(num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # _tensors' q: 32 rows, k: 16
+SHARDED_DIM = {"o_proj.weight": 1, "down_proj.weight": 1, "norm.weight": None, "layernorm.weight": None}
+
+
+def _received_by_rank(plan: SyncPlan, tensors) -> list[dict[str, torch.Tensor]]:
+    """What each TP rank stages after one sync through plain data (the plan as a receiver rebuilds it)."""
+    receiving = SyncPlan.from_dict(plan.to_dict())
+    got: list[dict[str, torch.Tensor]] = [{} for _ in range(plan.tp_size)]
+    for bucket in plan.buckets:
+        flat = plan.flatten(bucket, tensors, plan.empty_bucket(bucket)).clone()
+        got[bucket.tp_rank].update(receiving.unflatten(receiving.buckets[bucket.index], flat))
+    return got
+
+
+@pytest.mark.parametrize("bucket_mb", [0.004, 64])
+def test_a_tp_plan_gives_each_rank_buckets_of_only_its_shards(bucket_mb):
     tensors = _tensors()
-    tp_size = 2
+    plan = _plan(tensors, dtype="float32", bucket_mb=bucket_mb, tensor_parallel=2, heads=HEADS)
+    assert SyncPlan.from_dict(plan.to_dict()) == plan
+    assert [bucket.index for bucket in plan.buckets] == list(range(len(plan.buckets)))  # unique on one link
+    assert [bucket.tp_rank for bucket in plan.buckets] == sorted(bucket.tp_rank for bucket in plan.buckets)
+    got = _received_by_rank(plan, tensors)
     for name, tensor in tensors.items():
-        shards = [tp_shard(name, tensor, tp_size, rank) for rank in range(tp_size)]
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            assert torch.equal(torch.cat(shards, dim=1), tensor), name
-        elif name.endswith(("norm.weight", "layernorm.weight")):
-            assert all(torch.equal(shard, tensor) for shard in shards), name  # replicated
+        assert all(list(rank) == list(tensors) for rank in got)  # every rank gets every tensor, in order
+        dim = next((d for suffix, d in SHARDED_DIM.items() if name.endswith(suffix)), 0)
+        if dim is None:
+            assert all(torch.equal(rank[name], tensor) for rank in got), name  # replicated
+        elif name.endswith("k_proj.weight"):  # one KV head for two ranks: vLLM replicates it
+            assert all(torch.equal(rank[name], tensor) for rank in got), name
         else:
-            assert torch.equal(torch.cat(shards, dim=0), tensor), name
+            assert torch.equal(torch.cat([rank[name] for rank in got], dim=dim), tensor), name
+            assert got[0][name].shape[dim] == tensor.shape[dim] // 2, name
 
 
-def test_tp_plan_carries_each_ranks_shard():
+def test_a_tp_rank_receives_about_a_share_of_the_sharded_bytes():
     tensors = _tensors()
-    plans = [_plan(tensors, dtype="float32", bucket_mb=64, tp_size=2, tp_rank=rank) for rank in range(2)]
-    name = "model.layers.0.mlp.down_proj.weight"
-    got = []
-    for plan in plans:
-        (bucket,) = plan.buckets
-        got.append(dict(plan.unflatten(bucket, plan.flatten(bucket, tensors, plan.empty_bucket(bucket))))[name])
-    assert torch.equal(torch.cat(got, dim=1), tensors[name])
+    whole = _plan(tensors, dtype="bfloat16", bucket_mb=0.01)
+    plan = _plan(tensors, dtype="bfloat16", bucket_mb=0.01, tensor_parallel=2, heads=HEADS)
+    replicated = sum(t.numel() for n, t in tensors.items() if n.endswith(("norm.weight", "k_proj.weight"))) * 2
+    for rank in range(2):
+        assert plan.rank_nbytes(rank) == (whole.nbytes - replicated) // 2 + replicated
+        assert all(bucket.numel * 2 <= 0.01 * 2**20 or len(bucket.slots) == 1 for bucket in plan.buckets_of(rank))
+    assert plan.nbytes == plan.rank_nbytes(0) + plan.rank_nbytes(1)
 
 
-def test_uneven_tp_split_names_the_tensor():
-    with pytest.raises(PlanError, match="k_proj.weight"):
-        tp_shard_shape("model.layers.0.self_attn.k_proj.weight", (3, 32), 2)
+def test_a_tp_plan_refuses_what_it_cannot_split_naming_pool_and_tensor():
+    tensors = _tensors()
+    with pytest.raises(PlanError, match=r"pool p: model\.embed_tokens\.weight: the padded vocabulary"):
+        _plan(tensors, dtype="float32", bucket_mb=1, tensor_parallel=3, heads=AttentionHeads(3, 1, 16))
+    del tensors["model.embed_tokens.weight"]
+    with pytest.raises(PlanError, match=r"pool p: model\.layers\.0\.self_attn\.q_proj\.weight: 32 rows"):
+        _plan(tensors, dtype="float32", bucket_mb=1, tensor_parallel=3, heads=AttentionHeads(3, 1, 16))
+    with pytest.raises(PlanError, match="needs the model's attention heads"):
+        _plan(tensors, dtype="float32", bucket_mb=1, tensor_parallel=2)
 
 
 def test_missing_tensor_names_pool_bucket_and_tensor():
