@@ -190,7 +190,7 @@ class Pipeline:
         import ray
 
         folder, timeout_s = str(resume.checkpoint), self.cfg.run.step_timeout_s
-        ray.get([t.load_checkpoint.remote(folder) for t in self.trainers], timeout=timeout_s)
+        ray.get([t.load_checkpoint.remote(folder, resume.version) for t in self.trainers], timeout=timeout_s)
         kept = restore_groups(self.store, resume.checkpoint)  # run.checkpoint_store=arrow: back into the store
         scheduler = Scheduler.from_state(
             self.cfg.scheduler, self.cfg.trainer.prompts_per_step, resume.run_state["scheduler"], kept
@@ -353,7 +353,7 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
     master = rendezvous_address(trainer_slots[0], cfg.run.step_timeout_s) if len(trainer_slots) > 1 else ""
     trainers = [  # data-parallel ranks (asyncrl/ranks.py); their constructors meet at `master`
         ray.remote(TrainerWorker)
-        .options(**slot.actor_options(), name=f"trainer-{rank}")
+        .options(**slot.actor_options(), name=f"trainer-{rank}", max_concurrency=2)  # a snapshot during a step
         .remote(slot.worker_config(cfg), model_path, url, rank, master)
         for rank, slot in enumerate(trainer_slots)
     ]

@@ -258,8 +258,13 @@ class BucketedSync:
         return time.monotonic() - tic
 
     def rejoin(self, index: int) -> None:
-        """Add engine ``index`` (restarted) back to its pool: the pool's group is rebuilt with it at the next sync,
-        before the weights are sent; until then it generates with the model's initial weights (version 0)."""
+        """Add engine ``index`` (restarted) back to its pool: it gets the trainer's current weights through the
+        object store now (``snapshot``, even while a step runs), and the pool's group is rebuilt with it at the next
+        sync, before the weights are sent. Waits on the snapshot and the engine's load, each ``sync.timeout_s``."""
+        import ray
+
+        weights, version = ray.get(self.trainer.snapshot.remote(), timeout=self.cfg.sync.timeout_s)
+        ray.get(self.rollouts[index].update_weights.remote(weights, version), timeout=self.cfg.sync.timeout_s)
         link = next(link for link in self.links if index in link.engines)
         link.returning.add(index)
 

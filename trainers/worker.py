@@ -9,6 +9,7 @@ trainer that dies mid-step leaves them pending for a successor.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -34,6 +35,8 @@ class TrainerWorker:
         from trainers.policy import PolicyTrainer
 
         self.cfg, self.rank, self.consumer = cfg, rank, f"trainer-{rank}"
+        self.version = 0  # the policy version the weights are at (the scheduler's, told by train_step and resume)
+        self._step_lock = threading.Lock()  # the optimizer step against a concurrent ``snapshot``
         if cfg.trainer_ranks > 1:
             host, _, port = master.rpartition(":")
             os.environ.update(
@@ -151,14 +154,22 @@ class TrainerWorker:
             pass
         return write_groups(folder, [group for group, _ in self.carry], self.rank)
 
-    def load_checkpoint(self, folder: str) -> None:
-        """Restore the policy's engine state (module, optimizer, LR schedule) and RNG from a checkpoint folder, at
-        this run's ``trainer.lr`` (a resume may change it); called before the first step."""
+    def load_checkpoint(self, folder: str, version: int = 0) -> None:
+        """Restore the policy's engine state (module, optimizer, LR schedule) and RNG from a checkpoint folder (of
+        policy ``version``), at this run's ``trainer.lr`` (a resume may change it); called before the first step."""
         self.policy.load_state(folder, lr=self.cfg.trainer.lr)
+        self.version = version
 
     def weights(self) -> dict:
         """Full weights as numpy arrays (they travel through Ray's shared-memory object store)."""
         return {name: tensor.float().numpy() for name, tensor in self.policy.named_weights()}
+
+    def snapshot(self) -> tuple[dict, int]:
+        """A copy of the weights as they are now, with their policy version; safe while a step runs (the actor
+        takes two calls at once): forward and backward leave the weights alone and the optimizer step waits for the
+        copy. A restarted rollout worker gets these at once instead of waiting for the step to end."""
+        with self._step_lock:
+            return {name: tensor.float().numpy().copy() for name, tensor in self.policy.named_weights()}, self.version
 
     # -- bucketed weight sync (sync.transport=broadcast|store; asyncrl/weight_sync.py drives these) --
 
@@ -224,6 +235,7 @@ class TrainerWorker:
         from trainers.batch import GroupScorer, collate, mask_summary
 
         cfg, started = self.cfg, time.monotonic()
+        self.version = version  # what the weights are at until this step's optimizer step
         bound = cfg.scheduler.max_staleness if max_staleness is None else max_staleness
         deadline = started + cfg.run.step_timeout_s
         needed, micro = cfg.samples_per_rank, cfg.trainer.micro_batch_size  # this rank's share of the global batch
@@ -267,7 +279,9 @@ class TrainerWorker:
                 compute_seconds += time.monotonic() - tic
                 trained += batch_table.num_rows
         tic = time.monotonic()
-        step_stats = self.policy.optimizer_step()
+        with self._step_lock:
+            step_stats = self.policy.optimizer_step()
+            self.version = version + 1
         compute_seconds += time.monotonic() - tic
         self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, finished_entries)
         tokens = sum(micro_stats.pop("tokens") for micro_stats in stats)  # the rest are per-micro-batch means
