@@ -558,8 +558,9 @@ class TrajectoryStore:
             return 0
         cutoffs = []
         for info in groups:
-            if int(info["pending"]):
-                summary = self.client.xpending(stream_key, info["name"])
+            # The pending count may drop to 0 between the two calls (an ack in between): then XPENDING has no min.
+            summary = self.client.xpending(stream_key, info["name"]) if int(info["pending"]) else {"min": None}
+            if summary["min"] is not None:
                 cutoffs.append(_parse_id(summary["min"]))
             else:
                 ms, seq = _parse_id(info["last-delivered-id"])
