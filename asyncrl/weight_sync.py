@@ -115,6 +115,8 @@ class PoolLink:
     """``resources.pools[i].sync_transport``, else ``sync.transport``."""
     bucket_mb: float
     """``resources.pools[i].sync_bucket_mb``, else ``sync.bucket_mb``."""
+    tensor_parallel: int = 1
+    """``resources.pools[i].tensor_parallel``: the plan gives each of the engine's TP ranks its own shards."""
     live: list[int] = field(default_factory=list)
     """The engines in the current group, in rank order (rank = position + 1)."""
     generation: int = -1
@@ -141,6 +143,7 @@ def pool_links(cfg: Config) -> list[PoolLink]:
                 dtype=pool.dtype or cfg.model.dtype,
                 transport=pool.sync_transport or cfg.sync.transport,
                 bucket_mb=pool.sync_bucket_mb or cfg.sync.bucket_mb,
+                tensor_parallel=pool.tensor_parallel,
                 live=list(engines),
             )
         )
@@ -184,7 +187,8 @@ class BucketedSync:
             store_url=self.store_url,
             run_id=self.cfg.run.name,
         )
-        plan = ray.get(self.trainer.sync_plan.remote(link.name, link.dtype, link.bucket_mb), timeout=timeout)
+        plan = self.trainer.sync_plan.remote(link.name, link.dtype, link.bucket_mb, link.tensor_parallel)
+        plan = ray.get(plan, timeout=timeout)
         link.plan_buckets = len(plan["buckets"])
         refs = [self.trainer.sync_connect.remote(spec, plan)]
         refs += [self.rollouts[i].sync_connect.remote(plan, spec, rank) for rank, i in enumerate(link.live, 1)]

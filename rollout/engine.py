@@ -87,9 +87,13 @@ def engine_kwargs(
     seed: int,
     prefix_caching: bool,
     enforce_eager: bool,
+    tensor_parallel: int = 1,
 ) -> dict[str, Any]:
     """vLLM engine arguments as every engine of ours sets them (the bench baseline uses the same ones)."""
+    # TP > 1: vLLM's TP workers are processes of their own; this process keeps the engine core and its lock.
+    parallel = {"tensor_parallel_size": tensor_parallel, "distributed_executor_backend": "mp"}
     return {
+        **(parallel if tensor_parallel > 1 else {}),
         "model": model_path,
         "dtype": dtype,
         "max_model_len": max_model_len,
@@ -124,6 +128,7 @@ class GenerationEngine:
         recompute_kv_on_update: bool = True,
         enforce_eager: bool = True,
         staged_updates: bool = True,
+        tensor_parallel: int = 1,
     ):
         """Start the engine on ``model_path`` (a Hugging Face folder).
 
@@ -135,6 +140,7 @@ class GenerationEngine:
         ``enforce_eager``: run without torch.compile (the CPU default is inductor, slow to start).
         ``staged_updates``: prepare each weight update beside the live model while it keeps stepping and
         swap it in between two steps (``rollout.staged_weights``); False: vLLM's reload, under the lock.
+        ``tensor_parallel``: vLLM's ``tensor_parallel_size``; such an engine is updated by ``update_weight_shards``.
         """
         # Must be set before vLLM reads its environment: the engine core must live in this process
         # so the lock below really brackets engine steps and tensors pass by reference.
@@ -151,7 +157,8 @@ class GenerationEngine:
         self._recompute_kv_on_update = recompute_kv_on_update
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()
-        self._staged_updates = staged_updates
+        # A TP engine's full-tensor update (update_weights) goes through vLLM's reload, which shards in each worker.
+        self._staged_updates = staged_updates and tensor_parallel == 1
         self._staged = None  # rollout.staged_weights.StagedWeights, built at the first update
         self._no_update_pending = threading.Condition(threading.Lock())
         self._pending_updates = 0
@@ -169,6 +176,7 @@ class GenerationEngine:
                 seed=seed,
                 prefix_caching=recompute_kv_on_update,
                 enforce_eager=enforce_eager,
+                tensor_parallel=tensor_parallel,
             )
         )
         self._engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
@@ -346,6 +354,28 @@ class GenerationEngine:
             self._engine.set_weight_version(str(version))
             return time.perf_counter() - started
 
+    def update_weight_shards(self, shards_by_rank: list[list[tuple[str, torch.Tensor]]], version: int) -> float:
+        """A tensor-parallel engine's update: ``shards_by_rank[r]`` holds TP rank r's shard of every tensor
+        (checkpoint names, ``asyncrl.sync.tp_layout``), which vLLM's worker r stages and swaps in; between two
+        steps, like ``update_weights``; returns seconds under the lock."""
+        with self._update_lock:
+            with self._no_update_pending:
+                self._pending_updates += 1
+            try:
+                with self._lock:
+                    started = time.perf_counter()
+                    self._engine.collective_rpc(_load_shards_on_worker, args=(shards_by_rank,))
+                    reset = self._engine.reset_prefix_cache(reset_running_requests=self._recompute_kv_on_update)
+                    if self._recompute_kv_on_update and not reset:
+                        raise RuntimeError("vLLM could not reset its KV cache after a weight update")
+                    self.version = version
+                    self._engine.set_weight_version(str(version))
+                    return time.perf_counter() - started
+            finally:
+                with self._no_update_pending:
+                    self._pending_updates -= 1
+                    self._no_update_pending.notify_all()
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Hold ``step`` (it waits as for a pending update) while the block runs; an
@@ -401,6 +431,21 @@ def _reload_weights_on_worker(worker: Any, named_tensors: Iterable[tuple[str, to
     worker.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
     if current_platform.is_cpu():
         _refresh_cpu_embedding_gemm(worker.model_runner.get_model())
+
+
+def _load_shards_on_worker(worker: Any, shards_by_rank: list[list[tuple[str, torch.Tensor]]]) -> None:
+    """Runs in vLLM TP worker r: load shard list r into its part of the model (the map is built once)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    from rollout.staged_weights import StagedWeights
+
+    named = shards_by_rank[get_tensor_model_parallel_rank()]
+    staged = getattr(worker, "asyncrl_staged", None)
+    if staged is None or staged.names != {name for name, _ in named}:
+        model = worker.model_runner.get_model()
+        staged = worker.asyncrl_staged = StagedWeights(model, [(name, tuple(t.shape)) for name, t in named])
+    staged.prepare(named)
+    staged.commit()
 
 
 def _refresh_cpu_embedding_gemm(model: Any) -> None:

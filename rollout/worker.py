@@ -105,6 +105,7 @@ class RolloutWorker:
             max_num_seqs=cfg.rollout.max_num_seqs,
             kv_cache_mb=cfg.rollout.kv_cache_mb,
             seed=cfg.run.seed,
+            tensor_parallel=_tensor_parallel(cfg, worker_id),
         )
         self.turns = build_driver(cfg, self.engine, self.tokenizer)  # rollout.env: multi-turn episodes, else None
         self.groups: dict[str, _Group] = {}
@@ -201,7 +202,13 @@ class RolloutWorker:
         from dataclasses import asdict
 
         pause = {"inflight": None, "pause": self.engine.paused}[mode]
-        return asdict(self.receiver.sync(version, self.engine.update_weights, pause))
+        apply, plan = self.engine.update_weights, self.receiver.plan
+        if plan.tp_size > 1:  # a TP engine: each of its vLLM workers loads its rank's shards
+
+            def apply(named, version):
+                return self.engine.update_weight_shards(plan.split_by_rank(named), version)
+
+        return asdict(self.receiver.sync(version, apply, pause))
 
     def _run(self) -> None:
         """Consumes prompt entries; waits on the store (bounded block) when the engine is idle.
@@ -477,3 +484,11 @@ def _worker_index(worker_id: str) -> int:
     """The ``i`` of ``rollout-<i>`` (0 for an id without a trailing number): its ``rollout.debug_token_delay_s`` entry."""
     match = re.search(r"(\d+)$", worker_id)
     return int(match.group(1)) if match else 0
+
+
+def _tensor_parallel(cfg: Config, worker_id: str) -> int:
+    """``resources.pools[i].tensor_parallel`` of the pool this worker (``rollout-<i>``) belongs to."""
+    from asyncrl.weight_sync import pool_links
+
+    index = _worker_index(worker_id)
+    return next((link.tensor_parallel for link in pool_links(cfg) if index in link.engines), 1)

@@ -179,13 +179,19 @@ class TrainerWorker:
 
         return host_rendezvous(timeout_s).port
 
-    def sync_plan(self, pool: str, dtype: str, bucket_mb: float) -> dict:
-        """The pool's sync plan from this policy's tensors, as plain data (computed once per link)."""
+    def sync_plan(self, pool: str, dtype: str, bucket_mb: float, tensor_parallel: int = 1) -> dict:
+        """The pool's sync plan from this policy's tensors, as plain data (computed once per link); with
+        ``tensor_parallel`` > 1 each of the engines' TP ranks gets buckets of its own shards."""
         from asyncrl.sync.plan import SyncPlan, module_tensors
+        from asyncrl.sync.tp_layout import AttentionHeads
 
-        tensors = module_tensors(self.policy.engine.module)
-        shapes = [(name, tuple(tensor.shape)) for name, tensor in tensors.items()]
-        return SyncPlan.build(shapes, pool=pool, dtype=dtype, bucket_mb=bucket_mb).to_dict()
+        module = self.policy.engine.module
+        shapes = [(name, tuple(tensor.shape)) for name, tensor in module_tensors(module).items()]
+        heads = AttentionHeads.from_config(module.config) if tensor_parallel > 1 else None
+        plan = SyncPlan.build(
+            shapes, pool=pool, dtype=dtype, bucket_mb=bucket_mb, tensor_parallel=tensor_parallel, heads=heads
+        )
+        return plan.to_dict()
 
     def sync_connect(self, spec, plan: dict) -> None:
         """Join the pool's link as rank 0 (collective with its engines); replaces an older link of the pool."""

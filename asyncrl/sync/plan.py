@@ -116,6 +116,14 @@ class SyncPlan:
         """TP rank ``tp_rank``'s buckets, in order."""
         return tuple(bucket for bucket in self.buckets if bucket.tp_rank == tp_rank)
 
+    def split_by_rank(self, named: list[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
+        """Received named tensors (every bucket's, in plan order) as one list per TP rank."""
+        by_rank: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(self.tp_size)]
+        tensors = iter(named)
+        for bucket in self.buckets:
+            by_rank[bucket.tp_rank].extend(next(tensors) for _ in bucket.slots)
+        return by_rank
+
     def rank_nbytes(self, tp_rank: int) -> int:
         """Bytes TP rank ``tp_rank`` receives per sync."""
         return sum(bucket.numel for bucket in self.buckets_of(tp_rank)) * DTYPE_BYTES[self.dtype]

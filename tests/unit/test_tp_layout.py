@@ -163,3 +163,23 @@ def test_tp_one_is_the_whole_tensor_whatever_the_name():
 def test_heads_from_a_config_default_head_dim():
     config = types.SimpleNamespace(num_attention_heads=4, num_key_value_heads=None, hidden_size=256)
     assert AttentionHeads.from_config(config) == AttentionHeads(4, 4, 64)
+
+
+def test_a_pools_tensor_parallel_reaches_its_link_and_its_engines(tmp_path):
+    from asyncrl.config import load_config
+    from asyncrl.weight_sync import pool_links
+    from rollout.worker import _tensor_parallel
+
+    path = tmp_path / "pools.yaml"
+    path.write_text(
+        "resources:\n  pools:\n"
+        "    - {name: trainers, role: trainer, cpus: 1}\n"
+        "    - {name: whole, role: rollout, count: 1, cpus: 1}\n"
+        "    - {name: tp2, role: rollout, count: 2, cpus: 1, gpus: 2, tensor_parallel: 2}\n"
+    )
+    cfg = load_config(path)
+    assert [(link.name, link.engines, link.tensor_parallel) for link in pool_links(cfg)] == [
+        ("whole", [0], 1),
+        ("tp2", [1, 2], 2),
+    ]
+    assert [_tensor_parallel(cfg, f"rollout-{index}") for index in range(3)] == [1, 2, 2]
