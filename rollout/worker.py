@@ -202,13 +202,7 @@ class RolloutWorker:
         from dataclasses import asdict
 
         pause = {"inflight": None, "pause": self.engine.paused}[mode]
-        apply, plan = self.engine.update_weights, self.receiver.plan
-        if plan.tp_size > 1:  # a TP engine: each of its vLLM workers loads its rank's shards
-
-            def apply(named, version):
-                return self.engine.update_weight_shards(plan.split_by_rank(named), version)
-
-        return asdict(self.receiver.sync(version, apply, pause))
+        return asdict(self.receiver.sync(version, self.receiver.apply_to(self.engine), pause))
 
     def _run(self) -> None:
         """Consumes prompt entries; waits on the store (bounded block) when the engine is idle.

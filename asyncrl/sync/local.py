@@ -11,7 +11,6 @@ with a timeout.
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
 import os
 import pickle
@@ -44,6 +43,7 @@ class EngineProcess:
         decode_cpus: set[int] | None = None,
         sync_cpus: set[int] | None = None,
         start_timeout_s: float = 120.0,
+        tensor_parallel: int = 1,
     ) -> None:
         context = multiprocessing.get_context("spawn")  # vLLM and gloo state must not be forked
         self.name = name
@@ -56,9 +56,13 @@ class EngineProcess:
             "recompute_kv_on_update": recompute_kv_on_update,
             "decode_cpus": decode_cpus,
             "sync_cpus": sync_cpus,
+            "tensor_parallel": tensor_parallel,
         }
         self.process = context.Process(
-            target=_child_main, args=(child_conn, model_path, options), name=f"engine-{name}", daemon=True
+            target=_child_main,
+            args=(child_conn, model_path, options),
+            name=f"engine-{name}",
+            daemon=tensor_parallel == 1,  # a TP engine starts vLLM worker processes, which a daemon may not
         )
         self.process.start()
         child_conn.close()
@@ -142,6 +146,7 @@ class _Child:
                 max_num_seqs=16,
                 kv_cache_mb=64,
                 recompute_kv_on_update=options["recompute_kv_on_update"],
+                tensor_parallel=options["tensor_parallel"],
             )
         self.die_after_bucket = options["die_after_bucket"]
         self.decode_cpus = options["decode_cpus"]
@@ -168,7 +173,7 @@ class _Child:
         returns ReceiveStats plus monotonic start/end stamps."""
         started = time.monotonic()
         if self.engine is not None:
-            apply = functools.partial(self.engine.update_weights, recompute_kv=recompute_kv)
+            apply = self.receiver.apply_to(self.engine, recompute_kv=recompute_kv)
         else:
             apply = self._record
         pause = self.engine.paused if (self.engine is not None and mode == "pause") else None

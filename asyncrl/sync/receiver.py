@@ -9,10 +9,11 @@ A sync that fails or times out leaves the live weights untouched.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from asyncrl.sync.plan import SyncPlan
 from asyncrl.sync.transport import LinkSpec, WeightTransport, build_transport
@@ -64,6 +65,17 @@ class WeightReceiver:
             for bucket, flat in zip(self.plan.buckets, self.staging, strict=True)
             for named in self.plan.unflatten(bucket, flat)
         ]
+
+    def apply_to(self, engine: Any, **options: Any) -> Callable[[list[tuple[str, torch.Tensor]], int], object]:
+        """``engine``'s update for what this plan delivers: whole tensors (``update_weights``, with ``options``),
+        or, for a tensor-parallel plan, each TP rank's shards (``update_weight_shards``)."""
+        if self.plan.tp_size == 1:
+            return functools.partial(engine.update_weights, **options)
+
+        def apply_shards(named: list[tuple[str, torch.Tensor]], version: int) -> float:
+            return engine.update_weight_shards(self.plan.split_by_rank(named), version)
+
+        return apply_shards
 
     def sync(
         self,

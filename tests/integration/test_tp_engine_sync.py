@@ -1,8 +1,9 @@
 """A tensor-parallel vLLM engine (TP = 2 on CPU) updated from a per-rank sync plan: after each train step and
 sync, its log-probs on its samples equal the trainer's within 1e-5 (float32).
 
-The buckets go through the plan as a transport would deliver them (flatten on the sender, a copy, unflatten
-on the receiver); the transports themselves are tested with TP = 1 in test_sync_transports.py.
+In this process the buckets go through the plan as a transport delivers them (flatten on the sender, a copy,
+unflatten on the receiver); the last test runs the engine in a process of its own behind a real gloo
+broadcast link (the receiver and ``WeightReceiver.apply_to`` a rollout worker uses).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from asyncrl.models import build_tiny_model  # noqa: E402
+from asyncrl.sync.broadcast import host_rendezvous  # noqa: E402
+from asyncrl.sync.local import EngineProcess  # noqa: E402
 from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
+from asyncrl.sync.sender import PoolSender  # noqa: E402
 from asyncrl.sync.tp_layout import AttentionHeads  # noqa: E402
+from asyncrl.sync.transport import SENDER_RANK, LinkSpec, build_transport  # noqa: E402
 from tests.integration.sync_checks import logprob_gap, sampled_batch  # noqa: E402
 from trainers.policy import PolicyTrainer  # noqa: E402
 
@@ -80,18 +85,22 @@ def _deliver(plan: SyncPlan, tensors) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def test_tp2_engine_logprobs_match_the_trainer_after_every_sync(model_dir, engine):
-    trainer = PolicyTrainer(model_dir, lr=5e-3, micro_batch_size=4, grad_accum_steps=1, seed=0)
+def _tp_plan(trainer: PolicyTrainer) -> SyncPlan:
     tensors = module_tensors(trainer.engine.module)
-    heads = AttentionHeads.from_config(trainer.engine.module.config)
-    plan = SyncPlan.build(
+    return SyncPlan.build(
         [(name, tuple(t.shape)) for name, t in tensors.items()],
         pool="tp",
         dtype="float32",
         bucket_mb=0.1,
         tensor_parallel=TP,
-        heads=heads,
+        heads=AttentionHeads.from_config(trainer.engine.module.config),
     )
+
+
+def test_tp2_engine_logprobs_match_the_trainer_after_every_sync(model_dir, engine):
+    trainer = PolicyTrainer(model_dir, lr=5e-3, micro_batch_size=4, grad_accum_steps=1, seed=0)
+    tensors = module_tensors(trainer.engine.module)
+    plan = _tp_plan(trainer)
     whole = SyncPlan.build([(name, tuple(t.shape)) for name, t in tensors.items()], pool="tp", dtype="float32",
                            bucket_mb=0.1)  # fmt: skip
     assert all(plan.rank_nbytes(rank) < 0.75 * whole.nbytes for rank in range(TP))  # each rank gets its shards
@@ -117,3 +126,28 @@ def test_tp2_engine_loads_whole_tensors_through_vllms_reload(model_dir, engine):
     after = _sample(engine, "whole-after", 12)
     assert all(seq["token_versions"] == [10] * len(seq["response_ids"]) for seq in after)
     assert logprob_gap(trainer, sampled_batch(after)) < TOLERANCE
+
+
+def test_tp2_engine_process_over_a_gloo_broadcast_matches_the_trainer(model_dir, engine):
+    engine.close()  # the two TP engines' four workers would share the two cores
+    trainer = PolicyTrainer(model_dir, lr=5e-3, micro_batch_size=4, grad_accum_steps=1, seed=2)
+    plan = _tp_plan(trainer)
+    spec = LinkSpec(pool="tp", transport="broadcast", world_size=2, timeout_s=30.0, port=host_rendezvous(30.0).port)
+    process = EngineProcess("tp", model_dir, tensor_parallel=TP)
+    try:
+        process.send_only("connect", plan.to_dict(), spec, 1)
+        sender = PoolSender(plan, build_transport(spec, SENDER_RANK), spec.timeout_s)
+        process.reply("connect", 40)
+        batch = sampled_batch(process.call("sample", PROMPTS, "before", 12))
+        trainer.forward_backward(batch)
+        trainer.optimizer_step()
+        assert logprob_gap(trainer, batch) > 1e-3
+        process.send_only("sync", 1, "inflight")
+        sender.send(module_tensors(trainer.engine.module), 1)
+        process.reply("sync", 40)
+        after = process.call("sample", PROMPTS, "after", 12)
+        assert all(seq["token_versions"] == [1] * len(seq["response_ids"]) for seq in after)
+        assert logprob_gap(trainer, sampled_batch(after)) < TOLERANCE
+        sender.close()
+    finally:
+        process.close()
