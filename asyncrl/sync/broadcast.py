@@ -118,12 +118,13 @@ def host_rendezvous(timeout_s: float) -> Rendezvous:
         return next(iter(_hosted.values()))
 
 
-def link_store(spec: LinkSpec) -> Any:
+def link_store(spec: LinkSpec, own_connection: bool = False) -> Any:
     """The rendezvous store under this link's prefix (pool and generation): the hosted one in the sender's
-    process, a client of it elsewhere."""
+    process, a client of it elsewhere. ``own_connection``: always a new client (a blocking ``wait`` holds its
+    connection, so a thread that waits while another sets needs one of its own)."""
     from torch.distributed import PrefixStore, TCPStore
 
-    if spec.port in _hosted:
+    if spec.port in _hosted and not own_connection:
         base = _hosted[spec.port].store
     else:
         base = TCPStore(spec.host, spec.port, is_master=False, timeout=datetime.timedelta(seconds=spec.timeout_s))

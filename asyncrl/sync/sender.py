@@ -59,10 +59,19 @@ class PoolSender:
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
 
+        # A transport that can say where a bucket should land (shm: the engine's buffer) is packed into directly.
+        target = getattr(self.transport, "pack_target", None)
+
         def pack() -> None:
-            """Consumes free buffers; waits (bounded) for the sender to return one."""
+            """Consumes free buffers; waits (bounded) for the sender to return one, or for the transport's target."""
             try:
                 for bucket in self.plan.buckets:
+                    if target is not None:
+                        out = target(version, bucket.index, bucket.numel, self.plan.torch_dtype())
+                        if stop.is_set():
+                            return
+                        ready.put((bucket, self.plan.flatten(bucket, tensors, out), None))
+                        continue
                     buffer = free.get(timeout=self.timeout_s)
                     if stop.is_set():
                         return
@@ -74,8 +83,8 @@ class PoolSender:
         packer.start()
         try:
             for expected in self.plan.buckets:
-                try:
-                    item = ready.get(timeout=self.timeout_s)
+                try:  # a packer waiting on the transport fails by itself within timeout_s, naming the engine
+                    item = ready.get(timeout=self.timeout_s * (1 if target is None else 2))
                 except queue.Empty:
                     raise SyncError(
                         f"pool {self.plan.pool}: trainer could not pack bucket {expected.index} "
@@ -85,7 +94,8 @@ class PoolSender:
                     raise item
                 bucket, flat, buffer = item
                 self.transport.send(version, bucket.index, flat)
-                free.put(buffer)
+                if buffer is not None:
+                    free.put(buffer)
         finally:
             stop.set()
             free.put(self._buffers[0])  # wakes a packer waiting for a buffer after a failed send

@@ -3,18 +3,19 @@
 For a pool on the trainer's machine, the CPU twin of what colocated GPU systems do with CUDA IPC
 handles. Each engine allocates its staging buffers (one per bucket of the plan) as files in
 ``/dev/shm`` mapped into its memory (``staging``); the trainer maps them on first use, and from then
-on a bucket costs one memcpy from the trainer's packed bucket into the engine's buffer: no socket,
-no kernel copy, no copy on the engine's side, whose cores stay with decoding. A file is unlinked as
+on the trainer packs a bucket straight into the engine's buffer: no socket, no kernel copy, no copy on the
+engine's side, whose cores stay with decoding. A file is unlinked as
 soon as the trainer mapped it (the mappings keep the memory), so a crash leaves nothing behind.
 
 Control goes through the link's rendezvous store (``broadcast.link_store``: the TCPStore the
-trainer hosts, under the pool's and generation's prefix), two small keys per engine and bucket,
-counted by the ``seq``-th bucket moved on the link:
+trainer hosts, under the pool's and generation's prefix), two small keys per engine and bucket:
 
-- the engine, in ``receive``: ``want/<seq>/<rank>`` = "<version> <bucket> <path> <bytes>" (its buffer is
-  free: the previous sync's switch is done with it), then waits for ``ready/<seq>/<rank>``;
-- the trainer, in ``send``: waits for every engine's ``want``, checks version, bucket and size against
-  its own, copies the bucket into each buffer and sets ``ready``.
+- the engine, in ``receive``: ``want/<version>/<bucket>/<rank>`` = "<path> <bytes>" (its buffer is
+  free: the previous sync's switch is done with it), then waits for ``ready/<version>/<bucket>/<rank>``;
+- the trainer, in ``pack_target`` (``PoolSender`` asks before packing a bucket) or else in ``send``:
+  waits for every engine's ``want``, checks the size against its own, and packs the bucket straight
+  into the first engine's buffer (the only copy of the bytes on the path); ``send`` copies it into
+  the other engines' buffers and sets ``ready``.
 
 Every wait is bounded by ``timeout_s``; the error names the pool, the engine(s) and the bucket.
 """
@@ -44,9 +45,11 @@ class ShmTransport:
     def __init__(self, spec: LinkSpec, rank: int) -> None:
         self.spec, self.rank = spec, rank
         self.store = link_store(spec)
+        # The trainer waits for engines in the packing thread while the sending thread sets keys.
+        self.wait_store = link_store(spec, own_connection=True) if rank == SENDER_RANK else self.store
         self.timeout = datetime.timedelta(seconds=spec.timeout_s)
-        self.seq = 0
-        """Buckets moved on this link so far, in the same order on every end."""
+        self._claimed: dict[tuple[int, int], dict[int, torch.Tensor]] = {}
+        """Trainer: (version, bucket) -> the engines' buffers, claimed by ``pack_target`` for ``send``."""
         self._own: dict[int, tuple[str, torch.Tensor]] = {}
         """Engine: data_ptr of a staging buffer -> (its file, the mapping)."""
         self._mapped: dict[str, torch.Tensor] = {}
@@ -72,43 +75,61 @@ class ShmTransport:
         who = engine_name(self.spec, self.rank if rank is None else rank)
         return SyncError(f"pool {self.spec.pool}: {who} failed on {what}: {reason}")
 
+    def _claim(self, version: int, bucket_index: int, nbytes: int) -> dict[int, torch.Tensor]:
+        """Wait until every engine asked for this bucket; each engine's mapped buffer (checked against the plan)."""
+        what = f"bucket {bucket_index} of version {version}"
+        wants = {rank: f"want/{version}/{bucket_index}/{rank}" for rank in range(1, self.spec.world_size)}
+        try:
+            self.wait_store.wait(list(wants.values()), self.timeout)
+        except RuntimeError:
+            missing = [rank for rank, key in wants.items() if not self.wait_store.check([key])]
+            names = ", ".join(engine_name(self.spec, rank) for rank in missing)
+            raise self._fail(what, f"{names} did not ask for it within {self.spec.timeout_s}s") from None
+        buffers = {}
+        for rank, key in wants.items():
+            path, their_bytes = self.wait_store.get(key).decode().split(" ")
+            if int(their_bytes) != nbytes:
+                raise self._fail(
+                    what,
+                    f"{engine_name(self.spec, rank)} has a {their_bytes}-byte buffer for it, the trainer "
+                    f"{nbytes} bytes: the two ends' plans differ",
+                )
+            if path not in self._mapped:
+                self._mapped[path] = _map(path, nbytes, what, self, rank)
+            buffers[rank] = self._mapped[path]
+            self.wait_store.delete_key(key)
+        return buffers
+
+    def pack_target(self, version: int, bucket_index: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Trainer: where to pack this bucket so that ``send`` moves nothing: the first engine's buffer, once
+        every engine asked for the bucket (``PoolSender`` packs into it)."""
+        import torch
+
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        buffers = self._claim(version, bucket_index, nbytes)
+        self._claimed[(version, bucket_index)] = buffers
+        return buffers[1][:nbytes].view(dtype)
+
     def send(self, version: int, bucket_index: int, flat: torch.Tensor) -> None:
         import torch
 
-        what, seq = f"bucket {bucket_index} of version {version}", self.seq
-        self.seq += 1
-        wants = {rank: f"want/{seq}/{rank}" for rank in range(1, self.spec.world_size)}
-        try:
-            self.store.wait(list(wants.values()), self.timeout)
-        except RuntimeError:
-            missing = [rank for rank, key in wants.items() if not self.store.check([key])]
-            names = ", ".join(engine_name(self.spec, rank) for rank in missing)
-            raise self._fail(what, f"{names} did not ask for it within {self.spec.timeout_s}s") from None
         source = flat.contiguous().view(-1).view(torch.uint8)
-        for rank, key in wants.items():
-            their_version, their_bucket, path, nbytes = self.store.get(key).decode().split(" ")
-            if (int(their_version), int(their_bucket), int(nbytes)) != (version, bucket_index, source.numel()):
-                raise self._fail(
-                    what,
-                    f"{engine_name(self.spec, rank)} asked for bucket {their_bucket} of version {their_version} "
-                    f"({nbytes} bytes, this one has {source.numel()}): the two ends' plans or syncs differ",
-                )
-            target = self._mapped.get(path)
-            if target is None:
-                target = self._mapped[path] = _map(path, int(nbytes), what, self, rank)
-            target.copy_(source)
-            self.store.delete_key(key)
-            self.store.set(f"ready/{seq}/{rank}", "1")
+        buffers = self._claimed.pop((version, bucket_index), None)
+        if buffers is None:
+            buffers = self._claim(version, bucket_index, source.numel())
+        for rank, target in buffers.items():
+            if target.data_ptr() != source.data_ptr():  # not the buffer the bucket was packed into
+                target.copy_(source)
+            self.store.set(f"ready/{version}/{bucket_index}/{rank}", "1")
 
     def receive(self, version: int, bucket_index: int, out: torch.Tensor) -> torch.Tensor:
-        what, seq = f"bucket {bucket_index} of version {version}", self.seq
-        self.seq += 1
+        what = f"bucket {bucket_index} of version {version}"
         owned = self._own.get(out.data_ptr())
         if owned is None or owned[1].numel() != out.numel():
             raise ValueError(f"pool {self.spec.pool}: receive needs a buffer from ShmTransport.staging")
-        path = owned[0]
-        self.store.set(f"want/{seq}/{self.rank}", f"{version} {bucket_index} {path} {out.numel() * out.element_size()}")
-        ready = f"ready/{seq}/{self.rank}"
+        nbytes = out.numel() * out.element_size()
+        self.store.set(f"want/{version}/{bucket_index}/{self.rank}", f"{owned[0]} {nbytes}")
+        ready = f"ready/{version}/{bucket_index}/{self.rank}"
         try:
             self.store.wait([ready], self.timeout)
         except RuntimeError:
