@@ -209,24 +209,7 @@ class _Child:
         return {name: tensor.clone() for name, tensor in self.receiver.staged()}
 
     def sample(self, prompts: list[list[int]], tag: str, max_new_tokens: int) -> list[dict]:
-        engine = self.engine
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"{tag}-{i:03d}", prompt, max_new_tokens=max_new_tokens, seed=i)
-        finished = []
-        while engine.num_unfinished():
-            finished.extend(engine.step())
-        return [
-            {
-                "request_id": seq.request_id,
-                "prompt_ids": seq.prompt_ids,
-                "response_ids": seq.response_ids,
-                "logprobs": seq.logprobs,
-                "token_versions": seq.token_versions,
-                "finish_reason": seq.finish_reason,
-                "gen_seconds": seq.gen_seconds,
-            }
-            for seq in sorted(finished, key=lambda seq: seq.request_id)
-        ]
+        return sample_sequences(self.engine, prompts, tag, max_new_tokens)
 
     def start_load(self, batch: int, max_new_tokens: int) -> None:
         """Keep ``batch`` requests decoding until ``stop_load``; every step is timestamped."""
@@ -288,3 +271,25 @@ class _DieAfter:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def sample_sequences(engine, prompts: list[list[int]], tag: str, max_new_tokens: int) -> list[dict]:
+    """Decode ``prompts`` (seeded by their position) to the end on ``engine``; the finished sequences as plain dicts,
+    in request order (what the sync checks compare with the trainer)."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i:03d}", prompt, max_new_tokens=max_new_tokens, seed=i)
+    finished = []
+    while engine.num_unfinished():
+        finished.extend(engine.step())
+    return [
+        {
+            "request_id": seq.request_id,
+            "prompt_ids": seq.prompt_ids,
+            "response_ids": seq.response_ids,
+            "logprobs": seq.logprobs,
+            "token_versions": seq.token_versions,
+            "finish_reason": seq.finish_reason,
+            "gen_seconds": seq.gen_seconds,
+        }
+        for seq in sorted(finished, key=lambda seq: seq.request_id)
+    ]

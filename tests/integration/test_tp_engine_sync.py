@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from asyncrl.models import build_tiny_model  # noqa: E402
 from asyncrl.sync.broadcast import host_rendezvous  # noqa: E402
-from asyncrl.sync.local import EngineProcess  # noqa: E402
+from asyncrl.sync.local import EngineProcess, sample_sequences  # noqa: E402
 from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
 from asyncrl.sync.sender import PoolSender  # noqa: E402
 from asyncrl.sync.tp_layout import AttentionHeads  # noqa: E402
@@ -55,26 +55,6 @@ def engine(model_dir):
     engine.close()
 
 
-def _sample(engine, tag: str, max_new_tokens: int) -> list[dict]:
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(f"{tag}-{i:03d}", prompt, max_new_tokens=max_new_tokens, seed=i)
-    finished = []
-    while engine.num_unfinished():
-        finished.extend(engine.step())
-    return [
-        {
-            "request_id": seq.request_id,
-            "prompt_ids": seq.prompt_ids,
-            "response_ids": seq.response_ids,
-            "logprobs": seq.logprobs,
-            "token_versions": seq.token_versions,
-            "finish_reason": seq.finish_reason,
-            "gen_seconds": seq.gen_seconds,
-        }
-        for seq in sorted(finished, key=lambda seq: seq.request_id)
-    ]
-
-
 def _deliver(plan: SyncPlan, tensors) -> list[tuple[str, torch.Tensor]]:
     """Every bucket packed by the sender and staged by a receiver (a fresh buffer, as a transport fills it)."""
     receiving = SyncPlan.from_dict(plan.to_dict())
@@ -105,12 +85,12 @@ def test_tp2_engine_logprobs_match_the_trainer_after_every_sync(model_dir, engin
                            bucket_mb=0.1)  # fmt: skip
     assert all(plan.rank_nbytes(rank) < 0.75 * whole.nbytes for rank in range(TP))  # each rank gets its shards
     for version in (1, 2):
-        batch = sampled_batch(_sample(engine, f"before-{version}", 12))
+        batch = sampled_batch(sample_sequences(engine, PROMPTS, f"before-{version}", 12))
         trainer.forward_backward(batch)
         trainer.optimizer_step()
         assert logprob_gap(trainer, batch) > 1e-3  # the step changed the policy, so the check below can fail
         engine.update_weight_shards(plan.split_by_rank(_deliver(plan, module_tensors(trainer.engine.module))), version)
-        after = _sample(engine, f"after-{version}", 12)
+        after = sample_sequences(engine, PROMPTS, f"after-{version}", 12)
         assert all(seq["token_versions"] == [version] * len(seq["response_ids"]) for seq in after)
         assert logprob_gap(trainer, sampled_batch(after)) < TOLERANCE
 
@@ -118,12 +98,12 @@ def test_tp2_engine_logprobs_match_the_trainer_after_every_sync(model_dir, engin
 def test_tp2_engine_loads_whole_tensors_through_vllms_reload(model_dir, engine):
     """The object-store sync hands every engine whole tensors: a TP engine's vLLM workers shard them themselves."""
     trainer = PolicyTrainer(model_dir, lr=5e-3, micro_batch_size=4, grad_accum_steps=1, seed=1)
-    batch = sampled_batch(_sample(engine, "whole-before", 12))
+    batch = sampled_batch(sample_sequences(engine, PROMPTS, "whole-before", 12))
     trainer.forward_backward(batch)
     trainer.optimizer_step()
     assert logprob_gap(trainer, batch) > 1e-3
     engine.update_weights(list(module_tensors(trainer.engine.module).items()), 10)
-    after = _sample(engine, "whole-after", 12)
+    after = sample_sequences(engine, PROMPTS, "whole-after", 12)
     assert all(seq["token_versions"] == [10] * len(seq["response_ids"]) for seq in after)
     assert logprob_gap(trainer, sampled_batch(after)) < TOLERANCE
 
