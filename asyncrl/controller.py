@@ -333,8 +333,10 @@ def _await_step(step_refs: list, store, scheduler: Scheduler, prompts, rollouts,
         if not _issue_prompts(store, scheduler, prompts) and any(_loads(rollouts, "inflight", 0)):
             scheduler.blocked += 1
         scheduler.on_dropped(_read_dropped(store))
-        if len(ray.wait(step_refs, num_returns=len(step_refs), timeout=POLL_S)[0]) == len(step_refs):
+        ready, _ = ray.wait(step_refs, num_returns=len(step_refs), timeout=POLL_S)
+        if len(ready) == len(step_refs):
             return merge_step_results(ray.get(step_refs))
+        ray.get(ready)  # a rank that failed ends the step now: the others would wait for it in their all-reduce
 
 
 def _launch_workers(cfg: Config, model_path: str, url: str):
