@@ -43,7 +43,7 @@ def test_a_stopped_engine_fails_only_its_pools_sync_and_rejoins_its_pools_link(t
     model_path = str(resolve_model_path(cfg.model.path))
     stopped = None
     with ray_session(cfg):
-        trainer, rollouts = _launch_workers(cfg, model_path, redis_url)
+        (trainer,), rollouts = _launch_workers(cfg, model_path, redis_url)  # one trainer rank
         sync = build_weight_sync(cfg, trainer, rollouts, redis_url)
         assert isinstance(sync, BucketedSync)
         assert [(link.name, link.engines) for link in sync.links] == [("fp32", [0]), ("bf16", [1])]
