@@ -40,7 +40,8 @@ class ServerKeeper:
         self.max_restarts = max_restarts
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
-        """Restarts of the server so far."""
+        """Restarts that brought the server back so far (counted once it answers PING, not when it is spawned:
+        clients may reconnect to it a moment before)."""
         self.failure: StoreLost | None = None
         """Set when the server died for good: why the run cannot go on."""
         self._stopping = threading.Event()
@@ -87,15 +88,15 @@ class ServerKeeper:
         if self.restarts >= self.max_restarts:
             self._lost(f"{where} again; store.max_restarts={self.max_restarts} restarts are used up")
             return
-        self.restarts += 1
         log.warning("store: %s; restarting it on its AOF (restart %d of store.max_restarts=%d)",
-                    where, self.restarts, self.max_restarts)  # fmt: skip
+                    where, self.restarts + 1, self.max_restarts)  # fmt: skip
         tic = time.monotonic()
         try:
             self.server.restart(self.start_timeout_s)
         except StoreError as err:
             self._lost(f"{where} and could not be restarted: {err}")
             return
+        self.restarts += 1
         log.warning("store: the embedded redis-server is back in pid %d after %.2fs, its AOF reloaded",
                     self.server.pid, time.monotonic() - tic)  # fmt: skip
 
