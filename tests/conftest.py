@@ -40,6 +40,9 @@ def _server_versions() -> dict[str, str]:
 
 SERVERS = _server_versions()
 
+first_server_only = pytest.mark.parametrize("redis_url", sorted(SERVERS)[:1] or ["none"], indirect=True)
+"""For a test that needs a store but loads models or engines: the version matrix is the store tests' job."""
+
 
 @pytest.fixture(scope="session", params=sorted(SERVERS) or ["none"], ids=str)
 def redis_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

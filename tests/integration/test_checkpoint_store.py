@@ -12,7 +12,7 @@ from asyncrl.config import load_config
 from asyncrl.models import build_tiny_model
 from asyncrl.resume import restore_groups
 from asyncrl.types import TRAJECTORY_SCHEMA, Streams, table_from_rows
-from tests.conftest import SERVERS
+from tests.conftest import first_server_only
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -47,7 +47,7 @@ def _trained_ids(result: dict) -> set[str]:
     return {row["sample_id"] for row in result["ledger"]}
 
 
-@pytest.mark.parametrize("redis_url", sorted(SERVERS)[:1] or ["none"], indirect=True)
+@first_server_only
 def test_the_checkpoint_keeps_the_untrained_groups_and_a_resumed_trainer_trains_each_once(store, redis_url, tmp_path):
     from trainers.worker import TrainerWorker
 

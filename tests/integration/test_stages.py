@@ -12,6 +12,9 @@ from asyncrl.config import load_config
 from asyncrl.models import build_tiny_model
 from asyncrl.stages import StageWorker
 from asyncrl.types import GENERATED_SCHEMA, TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
+from tests.conftest import first_server_only
+
+pytestmark = first_server_only
 
 
 @pytest.fixture(scope="module")

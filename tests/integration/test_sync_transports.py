@@ -32,6 +32,7 @@ from asyncrl.sync.local import EngineProcess, EngineProcessError  # noqa: E402
 from asyncrl.sync.plan import SyncPlan, module_tensors  # noqa: E402
 from asyncrl.sync.sender import PoolSender, send_to_pools  # noqa: E402
 from asyncrl.sync.transport import SENDER_RANK, LinkSpec, SyncError, build_transport  # noqa: E402
+from tests.conftest import first_server_only  # noqa: E402
 from tests.integration.sync_checks import logprob_gap, sampled_batch  # noqa: E402
 from trainers.policy import PolicyTrainer  # noqa: E402
 
@@ -91,6 +92,7 @@ def test_engine_logprobs_match_the_trainer_after_every_gloo_broadcast(trainer, e
     _check_parity(trainer, engine, "broadcast", "")
 
 
+@first_server_only
 def test_engine_logprobs_match_the_trainer_after_every_store_sync(trainer, engine, redis_url):
     _check_parity(trainer, engine, "store", redis_url)
 
@@ -121,6 +123,7 @@ def _check_parity(trainer: PolicyTrainer, engine: EngineProcess, transport: str,
     sender.close()
 
 
+@first_server_only
 def test_two_pools_of_different_dtype_and_transport_from_one_sender(trainer, redis_url):
     fp32_plan, bf16_plan = _plan(trainer, "fp32-gloo", "float32"), _plan(trainer, "bf16-store", "bfloat16")
     receivers = {pool: EngineProcess(pool, None) for pool in ("fp32-gloo", "bf16-store")}

@@ -20,7 +20,7 @@ from asyncrl.ranks import merge_step_results  # noqa: E402
 from asyncrl.runtime import ray_session  # noqa: E402
 from asyncrl.types import Streams  # noqa: E402
 from storage import TrajectoryStore  # noqa: E402
-from tests.conftest import SERVERS  # noqa: E402
+from tests.conftest import first_server_only  # noqa: E402
 from tests.integration.test_checkpoint_store import GROUP, _group  # noqa: E402
 
 RANKS_POOLS = (
@@ -35,7 +35,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("redis_url", sorted(SERVERS)[:1] or ["none"], indirect=True)
+@first_server_only
 def test_two_ranks_split_the_batch_and_match_one_trainer(redis_url, tmp_path):
     from trainers.worker import TrainerWorker
 
