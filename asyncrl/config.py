@@ -419,6 +419,10 @@ class SyncConfig:
     """Size of one flattened bucket of the sync plan, in MiB (bucketed transports)."""
     sm_fraction: float = 0.1
     """Share of a CUDA device's SMs the NCCL broadcast may occupy (sets the group's max/min CTAs); unused on CPU."""
+    recompute_kv: bool = True
+    """After a weight switch, running requests are re-prefilled (prompt + tokens so far) by the new weights, so
+    every later token is a sample of the new policy; false: they keep the KV cache the old weights computed (no
+    re-prefill stalls decoding at the switch, but vLLM's prefix cache is off, as it could hold old weights' blocks)."""
 
     def __post_init__(self) -> None:
         from asyncrl.sync.registry import SYNC_MODES, TRANSPORTS
@@ -428,6 +432,9 @@ class SyncConfig:
         _one_of("sync.mode", self.mode, SYNC_MODES)
         _require(self.bucket_mb > 0, f"sync.bucket_mb must be > 0, got {self.bucket_mb}")
         _require(0 < self.sm_fraction <= 1, f"sync.sm_fraction must be in (0, 1], got {self.sm_fraction}")
+        _require(
+            isinstance(self.recompute_kv, bool), f"sync.recompute_kv must be true or false, got {self.recompute_kv!r}"
+        )
 
 
 @dataclass(kw_only=True, slots=True)

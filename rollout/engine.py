@@ -184,6 +184,11 @@ class GenerationEngine:
         self._engine.set_weight_version(str(version))
         self.init_seconds = time.perf_counter() - started
 
+    @property
+    def recompute_kv_on_update(self) -> bool:
+        """Whether a weight update re-prefills running requests by default (see ``__init__``)."""
+        return self._recompute_kv_on_update
+
     def add_request(
         self,
         request_id: str,

@@ -105,6 +105,7 @@ class RolloutWorker:
             max_num_seqs=cfg.rollout.max_num_seqs,
             kv_cache_mb=cfg.rollout.kv_cache_mb,
             seed=cfg.run.seed,
+            recompute_kv_on_update=cfg.sync.recompute_kv,
             tensor_parallel=_tensor_parallel(cfg, worker_id),
         )
         self.turns = build_driver(cfg, self.engine, self.tokenizer)  # rollout.env: multi-turn episodes, else None

@@ -20,6 +20,7 @@ from asyncrl.models import build_tiny_model  # noqa: E402
 from rollout.engine import FinishedSequence, GenerationEngine  # noqa: E402
 
 LOGPROB_TOLERANCE = 1e-4
+CONFIGS = Path(__file__).parents[2] / "configs"
 PROMPTS = [[5, 17, 42, 99, 7], [300, 12, 8], [64, 65, 66, 67, 68, 69, 70, 71], [450, 3, 201, 77]]
 
 
@@ -217,3 +218,39 @@ def test_abort_returns_partial_sequences(engine: GenerationEngine) -> None:
     by_id = {sequence.request_id: sequence for sequence in finished}
     assert by_id["t5-0"].finish_reason == "abort" and len(by_id["t5-0"].response_ids) == 2
     assert by_id["t5-1"].finish_reason in ("length", "stop")
+
+
+def test_sync_recompute_kv_false_keeps_running_requests_kv(model_dir: Path, hf_model, one_redis: str) -> None:
+    """``sync.recompute_kv=false`` reaches a rollout worker's engine: a request running across a sync keeps
+    generating with both versions' tokens and, its KV cache kept, the old weights' keys/values under the new ones."""
+    from asyncrl.config import load_config
+    from rollout.worker import RolloutWorker
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["sync.recompute_kv=false"])
+    worker = RolloutWorker(cfg, str(model_dir), one_redis, "rollout-0")
+    try:
+        engine = worker.engine
+        assert engine.recompute_kv_on_update is False
+        perturbed = _perturbed_state(hf_model, seed=3)
+        for index, prompt in enumerate(PROMPTS):
+            engine.add_request(f"t6-{index}", prompt, max_new_tokens=40, seed=index)
+        finished = [sequence for _ in range(5) for sequence in engine.step()]
+        worker.update_weights({name: tensor.numpy() for name, tensor in perturbed.items()}, version=1)
+        while engine.num_unfinished():
+            finished.extend(engine.step())
+        spanned = [sequence for sequence in finished if len(sequence.response_ids) > 5]
+        assert spanned, "every sequence stopped before the update"
+        for sequence in spanned:
+            assert len(sequence.response_ids) == len(sequence.logprobs) == len(sequence.token_versions)
+            assert sequence.token_versions[:5] == [0] * 5 and sequence.token_versions[-1] == 1
+        original = {name: param.detach().clone() for name, param in hf_model.named_parameters()}
+        try:
+            # Not re-prefilled: the tokens after the switch attend to keys/values the old weights computed, so
+            # they are not what a full forward of the new weights gives (with recompute they are, within 1e-4).
+            _load_into(hf_model, perturbed)
+            after_update = [_suffix_after_update(sequence) for sequence in spanned]
+            assert _max_logprob_error(hf_model, after_update) > 100 * LOGPROB_TOLERANCE
+        finally:
+            _load_into(hf_model, original)
+    finally:
+        worker.stop()

@@ -47,6 +47,7 @@ def test_unknown_key_in_yaml(tmp_path):
         ("rollout.debug_token_delay_s=[-0.1]", "rollout.debug_token_delay_s must hold seconds >= 0"),
         ("rollout.debug_token_delay_s=0.1", "rollout.debug_token_delay_s"),
         ("rollout.debug_token_delay_s=[0.1,0.5]", "rollout.debug_token_delay_s has 2 entries for 1 rollout workers"),
+        ("sync.recompute_kv=maybe", "sync.recompute_kv"),
     ],
 )
 def test_bad_values_name_the_key(override, fragment):
