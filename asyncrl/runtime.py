@@ -101,6 +101,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, **({"_node_ip_address": "127.0.0.1"} if loopback else {}), **common)
     else:
+        _keep_ray_on_loopback()
         ray.init(
             num_cpus=max(cfg.run.num_cpus, math.ceil(cpus_needed(cfg))),
             object_store_memory=cfg.run.object_store_mb << 20,
@@ -113,3 +114,13 @@ def ray_session(cfg: Config) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make a local Ray bind 127.0.0.1 only. ``ray.init`` swaps ``_node_ip_address="127.0.0.1"`` for the machine's
+    address (and its GCS, raylet and workers then listen on every interface) unless multi-node clusters are off,
+    which Ray reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is first imported: too early for the
+    setdefault above, hence the module attribute. A local Ray has no other node to reach it."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

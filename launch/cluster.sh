@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start, join or stop a Ray cluster node with asyncrl's defaults: no dashboard unless --dashboard, loopback
-# only with --loopback, usage stats off, token auth off. Extra flags go to `ray start` as they are.
+# Start, join or stop a Ray cluster node with asyncrl's defaults: no dashboard unless --dashboard, node address
+# 127.0.0.1 with --loopback, usage stats off, token auth off. Extra flags go to `ray start` as they are.
+# (`ray start` still listens on the machine's address: it swaps 127.0.0.1 for it wherever nodes may join.)
 #   launch/cluster.sh start-head [--port 6379] [--loopback] [--dashboard] [ray start flags...]
 #   launch/cluster.sh join ADDRESS [--loopback] [ray start flags...]    e.g. join 10.0.0.1:6379 --resources '{"rollout_node": 1}'
 #   launch/cluster.sh stop [ray stop flags...]                        stops EVERY Ray process of this machine (ray stop)
@@ -14,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 export PATH
 
-usage() { sed -n '2,6p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,7p' "$SCRIPT" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 action=$1; shift
 
