@@ -58,51 +58,42 @@ def collate(table: pa.Table, pad_id: int) -> dict[str, Tensor]:
     behavior = table.column("behavior_logprobs").to_pylist()
     reference = table.column("ref_logprobs").to_pylist() if "ref_logprobs" in table.column_names else None
     loss_masks = table.column("loss_mask").to_pylist() if "loss_mask" in table.column_names else [None] * len(prompts)
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
-    batch_size, max_len = table.num_rows, max(lengths)
-
-    input_ids = torch.full((batch_size, max_len), pad_id, dtype=torch.int64)
-    attention_mask = torch.zeros((batch_size, max_len), dtype=torch.int64)
-    response_mask = torch.zeros((batch_size, max_len), dtype=torch.float32)
-    behavior_logprobs = torch.zeros((batch_size, max_len), dtype=torch.float32)
-    ref_logprobs = torch.zeros((batch_size, max_len), dtype=torch.float32)
     sample_ids = table.column("sample_id").to_pylist()
+    max_len = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    # The rows are padded as Python lists and each field becomes a tensor in one call: a micro-batch is a few
+    # short rows, so per-row tensor writes cost more (a dispatch each) than the lists.
+    input_ids, attention_mask, response_mask, behavior_logprobs, ref_logprobs = [], [], [], [], []
     for row, (prompt, response, logprobs) in enumerate(zip(prompts, responses, behavior, strict=True)):
-        if len(logprobs) != len(response):
-            raise ValueError(
-                f"trajectory {sample_ids[row]!r}: {len(logprobs)} behavior_logprobs for {len(response)} response tokens"
-            )
-        start, end = len(prompt), len(prompt) + len(response)
-        input_ids[row, :end] = torch.tensor(prompt + response, dtype=torch.int64)
-        attention_mask[row, :end] = 1
+        _check_per_token(sample_ids[row], "behavior_logprobs", logprobs, response)
+        end = len(prompt) + len(response)
+        before, after = [0.0] * len(prompt), [0.0] * (max_len - end)
+        input_ids.append(prompt + response + [pad_id] * (max_len - end))
+        attention_mask.append([1] * end + [0] * (max_len - end))
         if loss_masks[row] is None:
-            response_mask[row, start:end] = 1.0
-        elif len(loss_masks[row]) != len(response):
-            raise ValueError(
-                f"trajectory {sample_ids[row]!r}: {len(loss_masks[row])} loss_mask entries "
-                f"for {len(response)} response tokens"
-            )
+            response_mask.append(before + [1.0] * len(response) + after)
         else:
-            response_mask[row, start:end] = torch.tensor(loss_masks[row], dtype=torch.float32)
-        behavior_logprobs[row, start:end] = torch.tensor(logprobs, dtype=torch.float32)
+            _check_per_token(sample_ids[row], "loss_mask entries", loss_masks[row], response)
+            response_mask.append(before + loss_masks[row] + after)
+        behavior_logprobs.append(before + logprobs + after)
         if reference is not None:
-            if len(reference[row]) != len(response):
-                raise ValueError(
-                    f"trajectory {sample_ids[row]!r}: {len(reference[row])} ref_logprobs "
-                    f"for {len(response)} response tokens"
-                )
-            ref_logprobs[row, start:end] = torch.tensor(reference[row], dtype=torch.float32)
+            _check_per_token(sample_ids[row], "ref_logprobs", reference[row], response)
+            ref_logprobs.append(before + reference[row] + after)
 
     batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "response_mask": response_mask,
-        "behavior_logprobs": behavior_logprobs,
+        "input_ids": torch.tensor(input_ids, dtype=torch.int64),
+        "attention_mask": torch.tensor(attention_mask, dtype=torch.int64),
+        "response_mask": torch.tensor(response_mask, dtype=torch.float32),
+        "behavior_logprobs": torch.tensor(behavior_logprobs, dtype=torch.float32),
         "advantages": _column_or_grpo_advantages(table),
     }
     if reference is not None:
-        batch["ref_logprobs"] = ref_logprobs
+        batch["ref_logprobs"] = torch.tensor(ref_logprobs, dtype=torch.float32)
     return batch
+
+
+def _check_per_token(sample_id: str, name: str, values: list, response: list[int]) -> None:
+    if len(values) != len(response):
+        raise ValueError(f"trajectory {sample_id!r}: {len(values)} {name} for {len(response)} response tokens")
 
 
 def mask_summary(loss_mask: list[int] | None) -> dict[str, int]:

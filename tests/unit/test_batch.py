@@ -258,3 +258,52 @@ def test_mask_summary_counts_turns_and_observation_tokens() -> None:
     assert mask_summary(None) == {}
     assert mask_summary([1, 1]) == {"turns": 1, "trained_tokens": 2, "observation_tokens": 0}
     assert mask_summary([1, 1, 0, 0, 1, 0, 1, 1]) == {"turns": 3, "trained_tokens": 5, "observation_tokens": 3}
+
+
+def _collate_per_row(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
+    """The per-row tensor writes ``collate`` did before it built padded lists: the reference its values must equal."""
+    prompts, responses = table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()
+    behavior, masks = table.column("behavior_logprobs").to_pylist(), table.column("loss_mask").to_pylist()
+    reference = table.column("ref_logprobs").to_pylist()
+    shape = (table.num_rows, max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True)))
+    out = {
+        "input_ids": torch.full(shape, pad_id, dtype=torch.int64),
+        "attention_mask": torch.zeros(shape, dtype=torch.int64),
+        "response_mask": torch.zeros(shape),
+        "behavior_logprobs": torch.zeros(shape),
+        "ref_logprobs": torch.zeros(shape),
+    }
+    for row, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        start, end = len(prompt), len(prompt) + len(response)
+        out["input_ids"][row, :end] = torch.tensor(prompt + response)
+        out["attention_mask"][row, :end] = 1
+        out["response_mask"][row, start:end] = (
+            1.0 if masks[row] is None else torch.tensor(masks[row], dtype=torch.float)
+        )
+        out["behavior_logprobs"][row, start:end] = torch.tensor(behavior[row], dtype=torch.float32)
+        out["ref_logprobs"][row, start:end] = torch.tensor(reference[row], dtype=torch.float32)
+    return out
+
+
+def test_collate_equals_per_row_tensor_writes() -> None:
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for index in range(7):
+        prompt = [rng.randrange(100) for _ in range(rng.randint(1, 9))]
+        response = [rng.randrange(100) for _ in range(rng.randint(1, 12))]
+        row = _row(f"s{index}", f"g{index // 3}", prompt, response, reward=float(index % 2))
+        row["behavior_logprobs"] = [-rng.expovariate(1.0) for _ in response]
+        row["loss_mask"] = [rng.randint(0, 1) for _ in response] if index % 2 else None
+        rows.append(row)
+    table = _table(rows)
+    ref = pa.array(
+        [[-rng.random() for _ in r] for r in table.column("response_ids").to_pylist()], pa.list_(pa.float32())
+    )
+    table = with_advantages(table.append_column("ref_logprobs", ref))
+
+    batch, expected = collate(table, pad_id=PAD), _collate_per_row(table, pad_id=PAD)
+    for key, tensor in expected.items():
+        assert batch[key].dtype == tensor.dtype and torch.equal(batch[key], tensor), key
+    assert torch.equal(batch["advantages"], torch.tensor(table.column("advantages").to_pylist()))
