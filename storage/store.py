@@ -43,7 +43,7 @@ from storage.codec import (
     segment_key,
     stored_names,
 )
-from storage.wire import set_then
+from storage.wire import set_then, set_then_many
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,20 @@ class DeadLetter:
     deliveries: int
     payload: str
     """Key of the payload, kept for inspection until the run is purged."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Put:
+    """One table to append, encoded; ``put_id`` stays the same whatever is retried (the script appends it once)."""
+
+    table: pa.Table
+    data: Segment
+    meta: bytes
+    put_id: str
+
+    @classmethod
+    def of(cls, table: pa.Table, meta: dict | None) -> _Put:
+        return cls(table, encode_segment(table), msgpack.packb(meta or {}, use_bin_type=True), uuid.uuid4().hex)
 
 
 def _text(value: bytes | str) -> str:
@@ -205,16 +219,38 @@ class TrajectoryStore:
         ``limits.put_timeout_s``. The batch's bytes are written before the script that appends
         the entry, so a reader never sees an entry whose payload is not all there.
         """
-        data = encode_segment(table)
-        meta_bytes = msgpack.packb(meta or {}, use_bin_type=True)
+        return self._put_until_room(stream, _Put.of(table, meta))
+
+    def put_many(
+        self, stream: str, tables: Sequence[pa.Table], metas: Sequence[dict | None] | None = None
+    ) -> list[str]:
+        """``put`` of each table (with ``metas[i]``), all sent in one round trip; returns the entry ids, in order.
+
+        Entries are appended in the order given; one that finds the stream at its bound waits for room as ``put``
+        does, after the others were sent, so it (and any other refused one) comes after the accepted ones.
+        """
+        metas = [None] * len(tables) if metas is None else metas
+        if len(metas) != len(tables):
+            raise ValueError(f"put_many: {len(tables)} tables, {len(metas)} metas")
+        puts = [_Put.of(table, meta) for table, meta in zip(tables, metas, strict=True)]
         stream_key = self.key(stream)
-        # One id per put, whatever is retried: the script appends at most one entry for it.
-        put_id = uuid.uuid4().hex
+        try:
+            replies = set_then_many(self.client, [self._put_write(stream_key, put) for put in puts])
+        except redis.exceptions.NoScriptError:  # a restarted server lost its script cache; the puts are idempotent
+            self._load_scripts()
+            replies = set_then_many(self.client, [self._put_write(stream_key, put) for put in puts])
+        return [
+            _text(reply) if reply is not None else self._put_until_room(stream, put)
+            for put, reply in zip(puts, replies, strict=True)
+        ]
+
+    def _put_until_room(self, stream: str, put: _Put) -> str:
+        stream_key = self.key(stream)
         started, pause = None, 0.001
-        while (entry_id := self._try_put(stream_key, put_id, table, data, meta_bytes)) is None:
+        while (entry_id := self._try_put(stream_key, put)) is None:
             # Full: wait with cheap polls of the counters, not by resending the bytes.
             started = started if started is not None else time.monotonic()
-            while not self._has_room(stream, data.nbytes):
+            while not self._has_room(stream, put.data.nbytes):
                 if time.monotonic() - started >= self.limits.put_timeout_s:
                     raise StoreFull(
                         f"stream {stream!r} of run {self.run_id!r} stayed full ({self._bound_text()}) for "
@@ -226,26 +262,31 @@ class TrajectoryStore:
             self.put_wait_s += time.monotonic() - started
         return _text(entry_id)
 
-    def _try_put(self, stream_key: str, put_id: str, table: pa.Table, data: Segment, meta: bytes) -> str | None:
-        payload_key = self.key(f"payload:{put_id}")
-        segment = segment_key(payload_key, "0")
-        field, names = segment_field(table, segment)
-        limits = self.limits
+    def _try_put(self, stream_key: str, put: _Put) -> str | None:
         # Not a MULTI: the segment is written first and only an entry that the script appends
         # points at it, so no reader can see a half-written batch; a refused put deletes it.
         # A put retried after a lost reply (the client reconnects) finds its own entry and returns it.
+        key, data, command = self._put_write(stream_key, put)
         try:
-            entry_id = set_then(
-                self.client, segment, data,
-                "EVALSHA", self._put.sha, 5, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
-                self.key(f"put:{put_id}"), limits.max_entries, limits.max_bytes, data.nbytes, table.num_rows, meta,
-                PUT_MARK_TTL_S, ORDER_FIELD, names, field, names,
-            )  # fmt: skip
+            entry_id = set_then(self.client, key, data, *command)
         except redis.exceptions.NoScriptError:  # a restarted server lost its script cache
             # The segment stays: an attempt before the restart may have appended the entry that uses it.
             self._load_scripts()
-            return self._try_put(stream_key, put_id, table, data, meta)
+            return self._try_put(stream_key, put)
         return None if entry_id is None else _text(entry_id)
+
+    def _put_write(self, stream_key: str, put: _Put) -> tuple[str, Segment, tuple]:
+        """The segment's key, the segment and the script call that appends ``put``'s entry (``set_then``)."""
+        payload_key = self.key(f"payload:{put.put_id}")
+        segment = segment_key(payload_key, "0")
+        field, names = segment_field(put.table, segment)
+        limits = self.limits
+        command = (
+            "EVALSHA", self._put.sha, 5, stream_key, payload_key, stream_key + INFLIGHT_SUFFIX, segment,
+            self.key(f"put:{put.put_id}"), limits.max_entries, limits.max_bytes, put.data.nbytes, put.table.num_rows,
+            put.meta, PUT_MARK_TTL_S, ORDER_FIELD, names, field, names,
+        )  # fmt: skip
+        return segment, put.data, command
 
     def _load_scripts(self) -> None:
         for script in (self._put, self._ack, self._advance, self._dead_letter, self._free):

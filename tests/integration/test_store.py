@@ -15,7 +15,7 @@ import redis
 from asyncrl.types import TRAJECTORY_SCHEMA, table_from_rows
 from storage import EmbeddedRedis, StoreError, TrajectoryStore, connect
 from storage.codec import encode_segment, segment_key
-from storage.wire import set_then
+from storage.wire import set_then, set_then_many
 
 
 def trajectories(rows: int, seed: int = 0) -> pa.Table:
@@ -101,6 +101,24 @@ def test_set_then_reads_both_replies_before_raising_so_the_connection_stays_in_s
         assert client.ping()
     finally:
         client.delete(key)
+        client.close()
+
+
+def test_set_then_many_returns_each_reply_in_order_and_raises_only_after_reading_all(redis_url: str) -> None:
+    client = connect(redis_url, 5.0)
+    client.connection_pool.max_connections = 1  # the next command must reuse the same connection
+    keys = [f"asyncrl:{{wire-{uuid.uuid4().hex[:8]}}}:segment-{i}" for i in range(3)]
+    small, large = encode_segment(trajectories(3)), encode_segment(trajectories(4000))  # gathered / sent as views
+    try:
+        writes = [(keys[0], small, ("STRLEN", keys[0])), (keys[1], large, ()), (keys[2], small, ("STRLEN", keys[2]))]
+        assert set_then_many(client, writes) == [small.nbytes, b"OK", small.nbytes]
+        assert client.get(keys[1]) == _contiguous_ipc(trajectories(4000))
+        with pytest.raises(redis.exceptions.NoScriptError):
+            set_then_many(client, [(keys[0], small, ("EVALSHA", "0" * 40, 0)), (keys[2], large, ("STRLEN", keys[2]))])
+        assert client.strlen(keys[2]) == large.nbytes  # the write after the failing one still ran
+        assert client.ping()
+    finally:
+        client.delete(*keys)
         client.close()
 
 

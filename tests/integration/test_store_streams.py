@@ -187,6 +187,33 @@ def test_a_producer_with_no_consumer_fails_naming_the_stream(store: TrajectorySt
     assert store.length(STREAM) == 2 and len(payload_keys(store)) == 2  # the refused batch left nothing
 
 
+def test_put_many_appends_in_order_and_reads_back_like_single_puts(store: TrajectoryStore) -> None:
+    tables = [batch(rows, prefix=f"m{rows}") for rows in (1, 3, 2)]
+    ids = store.put_many(STREAM, tables, [{"rows": table.num_rows} for table in tables])
+    store.ensure_group(STREAM, GROUP)
+
+    entries = store.read(STREAM, GROUP, "t0", count=10)
+
+    assert [entry.id for entry in entries] == ids
+    assert [entry.meta for entry in entries] == [{"rows": 1}, {"rows": 3}, {"rows": 2}]
+    assert all(entry.table.equals(table) for entry, table in zip(entries, tables, strict=True))
+    assert store.inflight(STREAM)[0] == 3
+
+
+def test_put_many_past_the_bound_appends_what_fits_and_the_rest_waits_for_room(store: TrajectoryStore) -> None:
+    producer = _bounded(store, max_entries=2, put_timeout_s=0.3)
+
+    with pytest.raises(StoreFull, match=r"stream 'trajectories' .* stayed full \(2 entries\)"):
+        producer.put_many(STREAM, [batch(prefix=f"f{i}") for i in range(3)])
+
+    assert store.length(STREAM) == 2 and len(payload_keys(store)) == 2  # the refused batch left nothing
+    store.ensure_group(STREAM, GROUP)
+    first = store.read(STREAM, GROUP, "t0", count=1)
+    store.ack(STREAM, GROUP, [entry.id for entry in first])  # room for one: the refused put now goes in
+    (third,) = producer.put_many(STREAM, [batch(prefix="f2")])
+    assert store.read(STREAM, GROUP, "t0", count=5)[-1].id == third
+
+
 def test_one_batch_larger_than_the_byte_bound_still_fits_an_empty_stream(store: TrajectoryStore) -> None:
     producer = _bounded(store, max_bytes=16, put_timeout_s=0.2)
     producer.put(STREAM, batch(8))
