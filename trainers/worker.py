@@ -238,7 +238,7 @@ class TrainerWorker:
         Groups over ``max_staleness`` (default ``scheduler.max_staleness``) are dropped.
         Unblocked by: rollout workers pushing groups. Fails after ``run.step_timeout_s``.
         """
-        from trainers.batch import GroupScorer, collate, mask_summary
+        from trainers.batch import GroupScorer, collate
 
         cfg, started = self.cfg, time.monotonic()
         self.version = version  # what the weights are at until this step's optimizer step
@@ -261,23 +261,19 @@ class TrainerWorker:
                 version_start = min(group.column("version_start").to_pylist())
                 if is_stale(version, version_start, bound):
                     self._report_dropped(group, {"version_start": version_start})
-                    continue
-                if not scorer.accept(group):
+                elif not scorer.accept(group):
                     # Reported like a stale drop, so the controller frees the group's admission slot
                     # and issues another prompt in its place (DAPO's dynamic sampling).
                     self._report_dropped(group, {"version_start": version_start, "reason": "equal_rewards"})
                     filtered += 1
-                    continue
-                accepted += group.num_rows
-                if accepted >= needed:
-                    self._start_prefetch(-(-needed // cfg.rollout.group_size))
-                pending.extend(scorer.ready())
-                columns = ["sample_id", "prompt_id", "version_start", "version_end", "reward", "reward_failed"]
-                columns += ["reward_error", "reward_components", "loss_mask"]
-                for row in group.select([*columns, "worker_id"]).to_pylist():
-                    components = dict(row.pop("reward_components") or ())  # an Arrow map reads as (key, value) pairs
-                    row.update(mask_summary(row.pop("loss_mask")))  # multi-turn: turns and observation tokens
-                    ledger.append({**row, "reward_components": components, "trained_at_version": version})
+                else:
+                    accepted += group.num_rows
+                    if accepted >= needed:
+                        self._start_prefetch(-(-needed // cfg.rollout.group_size))
+                    ledger.extend(_ledger_rows(group, version))
+                if self.carry and accepted < needed:
+                    continue  # the groups already read are scored together (one estimator call), then trained
+            pending.extend(scorer.ready())
             while _rows(pending) >= micro or (pending and trained + _rows(pending) == needed):
                 batch_table, pending = _split(pending, micro)
                 tic = time.monotonic()
@@ -340,6 +336,20 @@ def build_scoring(cfg: Config) -> Scoring:
         overlong_penalty=tc.overlong_penalty,
         filter_equal_groups=tc.filter_equal_groups,
     )
+
+
+def _ledger_rows(group: pa.Table, version: int) -> list[dict]:
+    """The ledger's rows of an accepted group, trained at policy ``version``."""
+    from trainers.batch import mask_summary
+
+    columns = ["sample_id", "prompt_id", "version_start", "version_end", "reward", "reward_failed"]
+    columns += ["reward_error", "reward_components", "loss_mask", "worker_id"]
+    rows = []
+    for row in group.select(columns).to_pylist():
+        components = dict(row.pop("reward_components") or ())  # an Arrow map reads as (key, value) pairs
+        row.update(mask_summary(row.pop("loss_mask")))  # multi-turn: turns and observation tokens
+        rows.append({**row, "reward_components": components, "trained_at_version": version})
+    return rows
 
 
 def _rows(tables: list[pa.Table]) -> int:

@@ -307,3 +307,20 @@ def test_collate_equals_per_row_tensor_writes() -> None:
     for key, tensor in expected.items():
         assert batch[key].dtype == tensor.dtype and torch.equal(batch[key], tensor), key
     assert torch.equal(batch["advantages"], torch.tensor(table.column("advantages").to_pylist()))
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("overlong_buffer", [0, 2])
+def test_groups_scored_together_get_what_each_gets_alone(advantage: str, overlong_buffer: int) -> None:
+    """``GroupScorer.ready`` scores every held group in one call: each group's advantages equal its own scoring."""
+    scoring = Scoring(advantage=advantage, max_response_len=4, overlong_buffer=overlong_buffer)
+    first = _table([_row(f"a{i}", "a", [1], [2] * (i + 1), reward=[0.0, 1.0, 0.5, 1.0][i]) for i in range(4)])
+    failed = _row("b2", "b", [1], [3, 3], reward=1.0, failed=True)
+    second = _table([_row("b0", "b", [1], [3], reward=0.25), _row("b1", "b", [1], [3] * 4, reward=1.0), failed])
+    scorer = GroupScorer(scoring, samples_per_step=7)
+    assert scorer.accept(first) and scorer.accept(second)
+    (together,) = scorer.ready()
+    alone = [with_advantages(group, scoring).column("advantages").to_pylist() for group in (first, second)]
+    assert together.column("sample_id").to_pylist() == ["a0", "a1", "a2", "a3", "b0", "b1", "b2"]
+    assert together.column("advantages").to_pylist() == alone[0] + alone[1]
+    assert alone[1][2] == 0.0 and alone[0][0] != 0.0
