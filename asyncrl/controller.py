@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncrl.config import Config, to_yaml
-from asyncrl.data import build_prompt_source, prompt_index
+from asyncrl.data import build_prompt_source, prompt_index, tokenized_prompts
 from asyncrl.metrics import RunWriter, plot_run, prepare_run_dir, wandb_options
 from asyncrl.progress import step_progress
 from asyncrl.ranks import merge_step_results, rendezvous_address
@@ -130,6 +130,7 @@ class Pipeline:
 
         from storage import TrajectoryStore
 
+        prompts = tokenized_prompts(prompts, cfg, model_path)  # the rollout workers then get token ids
         store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
         store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
         trainers, rollouts = _launch_workers(cfg, model_path, url)
@@ -370,15 +371,23 @@ def _launch_workers(cfg: Config, model_path: str, url: str):
 
 
 def _issue_prompts(store, scheduler: Scheduler, prompts) -> int:
-    """Push every admissible prompt, one store entry per prompt group; returns the count. Each rollout worker pulls
-    entries only while it has room (rollout/worker.py ``_take_prompts``), so a faster worker takes more of them."""
+    """Push every admissible prompt, one store entry per prompt group (all in one round trip); returns the count.
+    Each rollout worker pulls entries only while it has room (rollout/worker.py ``_take_prompts``), so a faster
+    worker takes more of them."""
     count = scheduler.admissible()
     if count == 0:
         return 0
+    tables = []
     for index in scheduler.take(count):
         prompt = prompts[index]
-        row = {"prompt_id": prompt.prompt_id, "prompt_ids": [], "prompt_text": prompt.text, "answer": prompt.answer}
-        store.put(Streams.PROMPTS, table_from_rows([row], PROMPT_SCHEMA), {"rows": 1})
+        row = {
+            "prompt_id": prompt.prompt_id,
+            "prompt_ids": prompt.prompt_ids,  # empty from an untokenised source: the worker encodes the text
+            "prompt_text": prompt.text,
+            "answer": prompt.answer,
+        }
+        tables.append(table_from_rows([row], PROMPT_SCHEMA))
+    store.put_many(Streams.PROMPTS, tables, [{"rows": 1}] * len(tables))
     return count
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ class Prompt:
     prompt_id: str
     text: str
     answer: str
+    prompt_ids: tuple[int, ...] = ()  # token ids of the text (``TokenizedPrompts``); empty: the worker encodes it
 
 
 def prompt_id(index: int) -> str:
@@ -120,6 +122,37 @@ SOURCES = {"arithmetic": ArithmeticPrompts, "jsonl": FilePrompts, "parquet": Fil
 
 def build_prompt_source(cfg: DataConfig) -> Any:
     return SOURCES[cfg.kind](cfg)
+
+
+class TokenizedPrompts:
+    """A prompt source whose prompts carry their token ids (``encode_prompt``), encoded once per cursor where the
+    source lives (the driver), as a dataset is tokenised ahead of generation: a rollout worker's loop, which also
+    steps the engine, does not tokenise, and a prompt issued again (a regenerated group) is not encoded again."""
+
+    _CACHED = 1 << 16  # the cursor moves forward; regenerated prompts reach back a few steps' prompts
+
+    def __init__(self, source: Any, tokenizer: Any, cfg: DataConfig) -> None:
+        self.source, self.tokenizer, self.cfg = source, tokenizer, cfg
+        self._ids: dict[int, tuple[int, ...]] = {}
+
+    def __getitem__(self, index: int) -> Prompt:
+        prompt = self.source[index]
+        ids = self._ids.get(index)
+        if ids is None:
+            ids = self._ids[index] = tuple(encode_prompt(self.tokenizer, prompt.text, self.cfg))
+            if len(self._ids) > self._CACHED:
+                del self._ids[next(iter(self._ids))]  # the oldest cursor
+        return dataclasses.replace(prompt, prompt_ids=ids)
+
+
+def tokenized_prompts(source: Any, cfg: Any, model_path: str) -> Any:
+    """``source`` as ``TokenizedPrompts`` for single-turn rollouts; with ``rollout.env`` unchanged (an episode's
+    environment builds its first context from the text)."""
+    if cfg.rollout.env is not None:
+        return source
+    from transformers import AutoTokenizer
+
+    return TokenizedPrompts(source, AutoTokenizer.from_pretrained(model_path), cfg.data)
 
 
 def encode_prompt(tokenizer: Any, text: str, cfg: DataConfig) -> list[int]:

@@ -51,8 +51,10 @@ class _RunningSequence:
     prompt_ids: list[int]
     started_at: float
     max_new_tokens: int
-    engine_id: str  # vLLM's internal request id (the caller's id plus a random suffix)
+    engine_id: str  # vLLM's internal request id (the caller's id plus a random suffix; a group's sample: its child's)
     sampled: int = 0  # tokens sampled as of the last step
+    group: Any = None  # a sample of ``add_samples``: vLLM's ParentRequest, which keeps each finished child's output
+    index: int = 0  # the sample's index in its group
     version_marks: list[tuple[int, int]] = field(default_factory=list)
     """``(first token, version)`` from each weight version on: token ``i`` carries the last mark at or before it."""
 
@@ -200,13 +202,46 @@ class GenerationEngine:
         seed: int | None = None,
     ) -> None:
         """Queue one sample of ``prompt_ids``; its tokens arrive through ``step``."""
+        self._add(request_id, [request_id], prompt_ids, max_new_tokens, temperature, top_p, seed)
+
+    def add_samples(
+        self,
+        group_id: str,
+        prompt_ids: list[int],
+        samples: int,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Queue ``samples`` samples of ``prompt_ids`` as one vLLM request with ``n=samples`` (its parallel sampling,
+        as bare ``LLM.generate`` runs a group: the prompt is processed once, not once per sample); returns the sample
+        ids, ``f"{group_id}:{j}"``. Each sample finishes through ``step`` on its own, as a request of its own would
+        (a group's early finishers free their slots), and can be aborted on its own. ``seed``: sample j gets seed + j.
+        """
+        sample_ids = [f"{group_id}:{j}" for j in range(samples)]
+        return self._add(group_id, sample_ids, prompt_ids, max_new_tokens, temperature, top_p, seed)
+
+    def _add(
+        self,
+        request_id: str,
+        sample_ids: list[str],
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+    ) -> list[str]:
+        """One vLLM request for ``sample_ids`` (n = their count) under the caller's ``request_id``."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if request_id in self._running:
+        if any(sample_id in self._running for sample_id in sample_ids):
             raise ValueError(f"request {request_id!r} is already running")
+        samples = len(sample_ids)
         params = SamplingParams(
-            n=1,
+            n=samples,
             max_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -217,11 +252,21 @@ class GenerationEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,
             detokenize=False,
         )
+        prompt_ids = list(prompt_ids)  # one copy, shared by the group's samples (never written to)
         with self._lock:
-            engine_id = self._engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, params)
-            sequence = _RunningSequence(list(prompt_ids), time.perf_counter(), max_new_tokens, engine_id)
-            sequence.version_marks.append((0, self.version))
-            self._running[request_id] = sequence
+            engine_id = self._engine.add_request(request_id, {"prompt_token_ids": prompt_ids}, params)
+            started = time.perf_counter()
+            if samples == 1:
+                children = [(engine_id, None)]
+            else:
+                # vLLM names sample j's child request f"{j}_{parent id}" (ParentRequest.get_child_info)
+                states = self._engine.output_processor.request_states
+                children = [(child, states[child].parent_req) for child in (f"{j}_{engine_id}" for j in range(samples))]
+            for index, (sample_id, (child, group)) in enumerate(zip(sample_ids, children, strict=True)):
+                sequence = _RunningSequence(prompt_ids, started, max_new_tokens, child, group=group, index=index)
+                sequence.version_marks.append((0, self.version))
+                self._running[sample_id] = sequence
+        return sample_ids
 
     def step(self) -> list[FinishedSequence]:
         """Run one engine step; return the sequences that finished in it (and any aborted since).
@@ -242,7 +287,8 @@ class GenerationEngine:
                 self._marked_version = self.version
             for output in self._engine.step():
                 sequence = self._running.get(output.request_id)
-                if sequence is None or not output.finished:  # aborted by us after the engine produced it
+                # None: aborted by us after the engine produced it, or a group's output (its samples are taken below)
+                if sequence is None or sequence.group is not None or not output.finished:
                     continue
                 completion = output.outputs[0]
                 del self._running[output.request_id]
@@ -255,10 +301,21 @@ class GenerationEngine:
                     )
                 )
                 self.tokens_sampled += len(completion.token_ids) - sequence.sampled
-            for sequence in self._running.values():
-                sampled = self._sampled(sequence)
+            states, ended = self._engine.output_processor.request_states, []
+            for request_id, sequence in self._running.items():
+                state = states.get(sequence.engine_id)
+                if state is None and sequence.group is not None:  # a group's sample that finished in this step
+                    ended.append(request_id)
+                    continue
+                sampled = len(state.detokenizer.token_ids)
                 self.tokens_sampled += sampled - sequence.sampled
                 sequence.sampled = sampled
+            for request_id in ended:
+                sequence = self._running.pop(request_id)
+                completion = sequence.group.output_aggregator[sequence.index]
+                reason = completion.finish_reason or "abort"
+                finished.append(sequence.finish(request_id, reason, completion.token_ids, completion.logprobs))
+                self.tokens_sampled += len(completion.token_ids) - sequence.sampled
             return finished
 
     def _sampled(self, sequence: _RunningSequence) -> int:
@@ -281,13 +338,20 @@ class GenerationEngine:
         with ``finish_reason="abort"``. Unknown or already finished ids are ignored."""
         with self._lock:
             known = [request_id for request_id in request_ids if request_id in self._running]
-            states = self._engine.output_processor.request_states
+            processor = self._engine.output_processor
+            engine_ids = []
             for request_id in known:
                 sequence = self._running.pop(request_id)
-                state = states[sequence.engine_id]
+                state = processor.request_states[sequence.engine_id]
                 logprobs = state.logprobs_processor.logprobs
                 self._aborted.append(sequence.finish(request_id, "abort", state.detokenizer.token_ids, logprobs))
-            self._engine.abort_request(known)
+                engine_ids.append(sequence.engine_id)
+                if sequence.group is not None:  # the group's siblings go on; it must not wait for this one
+                    sequence.group.child_requests.discard(sequence.engine_id)
+                    if not sequence.group.child_requests:
+                        processor.parent_requests.pop(sequence.group.request_id, None)
+            # By vLLM's own ids: a group's samples share the caller's id, and one sample is aborted alone.
+            self._engine.abort_request(engine_ids, internal=True)
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *, recompute_kv: bool | None = None
@@ -399,7 +463,7 @@ class GenerationEngine:
         """Abort everything and release the engine (its memory goes when the last reference does)."""
         with self._lock:
             if self._running:
-                self._engine.abort_request(list(self._running))
+                self._engine.abort_request([sequence.engine_id for sequence in self._running.values()], internal=True)
             self._running.clear()
             self._aborted.clear()
             engine, self._engine = self._engine, None

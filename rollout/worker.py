@@ -111,7 +111,7 @@ class RolloutWorker:
         self.turns = build_driver(cfg, self.engine, self.tokenizer)  # rollout.env: multi-turn episodes, else None
         self.groups: dict[str, _Group] = {}
         self.entry_groups: dict[str, int] = {}  # prompt entry id -> groups of it not yet put in the store
-        self.outbox: list[tuple[pa.Table, str]] = []  # scored groups not yet put, with their prompt entry id
+        self.outbox: list[tuple[list[dict], str]] = []  # scored groups' rows not yet put, with their prompt entry id
         self.entry_put: dict[str, list[str]] = {}  # prompt entry id -> prompt ids of its groups already put
         self._next_poll = 0.0
         self._poll_now = True  # a group slot was freed, or the last read found prompts (more are likely queued)
@@ -308,21 +308,18 @@ class RolloutWorker:
     def _add_group(self, entry_id: str, row: dict) -> None:
         rc = self.cfg.rollout
         group_id = f"{row['prompt_id']}-{self.worker_id}-{time.monotonic_ns()}"
-        prompt_ids = encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data)
         self.groups[group_id] = _Group(entry_id, row["prompt_id"], row["prompt_text"], row["answer"], rc.group_size)
         budget = length_budget(rc, self.cfg.run.seed, row["prompt_id"])
         if self.turns is not None:
             for j in range(rc.group_size):
                 self.turns.start(f"{group_id}:{j}", row["prompt_text"], {"answer": row["answer"]}, budget)
             return
-        for j in range(rc.group_size):
-            self.engine.add_request(
-                f"{group_id}:{j}",
-                prompt_ids,
-                max_new_tokens=budget,
-                temperature=rc.temperature,
-                top_p=rc.top_p,
-            )
+        # The controller sends token ids (asyncrl.data.TokenizedPrompts); a row without them is encoded here.
+        prompt_ids = row["prompt_ids"] or encode_prompt(self.tokenizer, row["prompt_text"], self.cfg.data)
+        # One request of n=group_size, as bare vLLM samples a group: vLLM processes the prompt once, not G times.
+        self.engine.add_samples(
+            group_id, prompt_ids, rc.group_size, max_new_tokens=budget, temperature=rc.temperature, top_p=rc.top_p
+        )
 
     def _finish(self, seq) -> None:
         if self.turns is not None and (seq := self.turns.advance(seq)) is None:
@@ -359,12 +356,11 @@ class RolloutWorker:
         if self.cfg.stages.reward:
             for row in rows:
                 row.update(prompt_text=group.prompt_text, answer=group.answer)
-            self.outbox.append((table_from_rows(rows, GENERATED_SCHEMA), group.entry_id))
         else:
             for row, scored in zip(rows, self._score(group), strict=True):
                 row.update(reward=scored.reward, reward_failed=scored.failed, reward_error=scored.error)
                 row["reward_components"] = scored.components
-            self.outbox.append((table_from_rows(rows, TRAJECTORY_SCHEMA), group.entry_id))
+        self.outbox.append((rows, group.entry_id))
         if self.cfg.store.rows_per_message and self._outbox_full():
             self._flush()
 
@@ -377,21 +373,23 @@ class RolloutWorker:
     def _outbox_full(self) -> bool:
         # With rows_per_message 0 the loop flushes after every engine step: the groups that finished
         # in the same step share one message (one store round trip), and none waits for another.
-        return sum(table.num_rows for table, _ in self.outbox) >= self.cfg.store.rows_per_message
+        return sum(len(rows) for rows, _ in self.outbox) >= self.cfg.store.rows_per_message
 
     def _flush(self) -> None:
         """Hand the scored groups waiting in the outbox to the writer thread as one Arrow message
         (``store.rows_per_message``), with the prompt entries all of whose groups are then in the store (acknowledged
         after the put). The next engine step overlaps the store round trips."""
-        table = pa.concat_tables([group for group, _ in self.outbox])
+        # One table for the whole message, built from the rows at once (not one per group, then concatenated).
+        schema = GENERATED_SCHEMA if self.cfg.stages.reward else TRAJECTORY_SCHEMA
+        table = table_from_rows([row for rows, _ in self.outbox for row in rows], schema)
         finished, partial = [], set()
-        for group, entry_id in self.outbox:
+        for rows, entry_id in self.outbox:
             self.entry_groups[entry_id] -= 1
             if self.entry_groups[entry_id] == 0:
                 del self.entry_groups[entry_id]
                 finished.append(entry_id)
             else:
-                self.entry_put.setdefault(entry_id, []).append(group.column("prompt_id")[0].as_py())
+                self.entry_put.setdefault(entry_id, []).append(rows[0]["prompt_id"])
                 partial.add(entry_id)
         self.outbox = []
         # A restarted worker takes back the entries it held: it must know which of their groups are in the store.

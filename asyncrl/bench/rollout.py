@@ -4,7 +4,9 @@ Baseline: ``vllm.LLM(...).generate`` on the prompts' token ids with ``SamplingPa
 engine arguments as ``GenerationEngine`` builds them. Ours: one ``RolloutWorker`` in this process
 (no Ray, so no actor scheduling noise), fed through an embedded store exactly as the controller
 feeds it, timed from the prompt push until every scored group has been read back from the
-trajectories stream (engine -> rewards -> Arrow -> Redis -> reader).
+trajectories stream (engine -> rewards -> Arrow -> Redis -> reader). Both sides get the prompts
+tokenised once, before the timing (the baseline as token ids, ours as the controller's tokenised
+prompt source, ``asyncrl.data.TokenizedPrompts``).
 
 Both engines live in this process, built once and run alternately (never at the same time), so
 both see the same ``OMP_NUM_THREADS`` (``rollout.threads``) and the same cores. Sampled lengths
@@ -91,14 +93,13 @@ class BareVllm:
 class InProcessRollout:
     """Ours: one ``RolloutWorker`` thread in this process, fed and drained through the store."""
 
-    def __init__(self, cfg: Config, model_path: str, url: str) -> None:
-        from asyncrl.data import build_prompt_source
+    def __init__(self, cfg: Config, model_path: str, url: str, prompts) -> None:
         from asyncrl.types import Groups, Streams
         from rollout.worker import RolloutWorker
         from storage import TrajectoryStore
 
         self.cfg = cfg
-        self.prompts = build_prompt_source(cfg.data)
+        self.prompts = prompts  # the controller's source (asyncrl.data.tokenized_prompts)
         self.store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
         self.worker = RolloutWorker(cfg, model_path, url, "bench-0")
@@ -161,7 +162,7 @@ def bench_rollout(
 
     from transformers import AutoTokenizer
 
-    from asyncrl.data import build_prompt_source, encode_prompt
+    from asyncrl.data import TokenizedPrompts, build_prompt_source
     from asyncrl.models import resolve_model_path
     from asyncrl.runtime import store_server
 
@@ -169,14 +170,16 @@ def bench_rollout(
     model_path = str(resolve_model_path(cfg.model.path))
     cfg.run.name = f"bench-{uuid.uuid4().hex[:8]}"  # never collides with a run on an external store
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    source = build_prompt_source(cfg.data)
-    prompt_ids = [encode_prompt(tokenizer, source[i].text, cfg.data) for i in range(num_prompts)]
+    # Both sides get the prompts tokenised once, before any timing, as a dataset is tokenised ahead of generation:
+    # the bare side these ids, ours the same source, which the controller's is (asyncrl.data.tokenized_prompts).
+    source = TokenizedPrompts(build_prompt_source(cfg.data), tokenizer, cfg.data)
+    prompt_ids = [list(source[i].prompt_ids) for i in range(num_prompts)]
 
     bare: list[Measurement] = []
     ours: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="asyncrl-bench-") as tmp, store_server(cfg, Path(tmp)) as url:
         baseline = BareVllm(cfg, model_path)
-        rollout = InProcessRollout(cfg, model_path, url)
+        rollout = InProcessRollout(cfg, model_path, url, source if cfg.rollout.env is None else source.source)
         try:
             baseline.run(prompt_ids)  # warm-up: first-call allocations, caches
             rollout.run(num_prompts)

@@ -220,6 +220,60 @@ def test_abort_returns_partial_sequences(engine: GenerationEngine) -> None:
     assert by_id["t5-1"].finish_reason in ("length", "stop")
 
 
+def test_a_group_request_returns_each_sample_as_a_request_of_its_own(engine: GenerationEngine, hf_model) -> None:
+    """``add_samples`` (one vLLM request with n=G) gives what G single requests give: per-sample ids, the prompt,
+    exact behaviour log-probs, token versions across an update, and the decode-rate token count."""
+    perturbed = _perturbed_state(hf_model, seed=4)
+    sampled_before = engine.tokens_sampled
+    ids = engine.add_samples("t7", PROMPTS[2], 4, max_new_tokens=40, seed=0)
+    engine.add_request("t7-single", PROMPTS[0], max_new_tokens=40, seed=9)
+    assert ids == [f"t7:{j}" for j in range(4)] and engine.num_unfinished() == 5
+    finished = [sequence for _ in range(5) for sequence in engine.step()]
+    engine.update_weights(perturbed.items(), version=1)
+    while engine.num_unfinished():
+        finished.extend(engine.step())
+    original = {name: param.detach().clone() for name, param in hf_model.named_parameters()}
+    try:
+        by_id = {sequence.request_id: sequence for sequence in finished}
+        assert sorted(by_id) == sorted([*ids, "t7-single"])
+        group = [by_id[sample_id] for sample_id in ids]
+        assert len({tuple(sequence.response_ids) for sequence in group}) > 1  # distinct samples, not copies
+        for sequence in group:
+            assert sequence.prompt_ids == PROMPTS[2]
+            assert len(sequence.response_ids) == len(sequence.logprobs) == len(sequence.token_versions)
+        spanned = [sequence for sequence in group if len(sequence.response_ids) > 5]
+        assert spanned, "every sample stopped before the update"
+        for sequence in spanned:
+            assert sequence.token_versions[:5] == [0] * 5 and sequence.token_versions[-1] == 1
+        assert engine.tokens_sampled - sampled_before == sum(len(sequence.response_ids) for sequence in finished)
+        _load_into(hf_model, perturbed)
+        assert (
+            _max_logprob_error(hf_model, [_suffix_after_update(sequence) for sequence in spanned]) < LOGPROB_TOLERANCE
+        )
+    finally:
+        _load_into(hf_model, original)
+        engine.update_weights(original.items(), version=0)
+
+
+def test_a_sample_of_a_group_is_aborted_alone(engine: GenerationEngine) -> None:
+    ids = engine.add_samples("t8", PROMPTS[0], 3, max_new_tokens=6, seed=0)
+    finished = [sequence for _ in range(2) for sequence in engine.step()]
+    engine.abort([ids[1]])
+    while engine.num_unfinished():
+        finished.extend(engine.step())
+    by_id = {sequence.request_id: sequence for sequence in finished}
+    assert sorted(by_id) == ids
+    assert by_id[ids[1]].finish_reason == "abort" and len(by_id[ids[1]].response_ids) == 2
+    assert all(by_id[sample_id].finish_reason in ("length", "stop") for sample_id in (ids[0], ids[2]))
+    # Aborting the group's last running samples leaves nothing behind in vLLM either.
+    ids = engine.add_samples("t9", PROMPTS[1], 2, max_new_tokens=50, seed=0)
+    engine.step()
+    engine.abort(ids)
+    assert [sequence.finish_reason for sequence in engine.step()] == ["abort", "abort"]
+    assert engine.num_unfinished() == 0 and not engine._engine.has_unfinished_requests()
+    assert not engine._engine.output_processor.parent_requests
+
+
 def test_sync_recompute_kv_false_keeps_running_requests_kv(model_dir: Path, hf_model, one_redis: str) -> None:
     """``sync.recompute_kv=false`` reaches a rollout worker's engine: a request running across a sync keeps
     generating with both versions' tokens and, its KV cache kept, the old weights' keys/values under the new ones."""
