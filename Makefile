@@ -12,7 +12,7 @@ demo: $(STAMP)
 	$(VENV)/bin/asyncrl train configs/demo.yaml run.overwrite=true
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=25 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
