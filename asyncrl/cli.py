@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "'sync ratio (ours/naive per-tensor): X' (ours over shm).",
     )
     sync_bench.add_argument(
-        "--syncs", type=_positive, default=4, help="syncs during the decode measurement (default 4)"
+        "--syncs", type=_positive, default=8, help="syncs during the decode measurement (default 8)"
     )
 
     store = commands.add_parser(

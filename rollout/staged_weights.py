@@ -22,6 +22,7 @@ A model whose parameters the names do not cover exactly, or a shape that does no
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -215,7 +216,7 @@ def _back_to_back(parts: list[tuple[int, torch.Tensor]], shape: tuple[int, ...])
             return None
         end += view.numel() * view.element_size()
     whole = torch.empty(0, dtype=first_view.dtype, device=first_view.device)
-    stride = tuple(int(torch.tensor(shape[i + 1 :]).prod()) for i in range(len(shape)))
+    stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     return whole.set_(first_view.untyped_storage(), first_view.storage_offset(), shape, stride)
 
 

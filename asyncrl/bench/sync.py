@@ -17,7 +17,8 @@ times after a warm-up, medians:
 - decode throughput: the engine keeps a batch decoding on a CPU of its own (the trainer and the
   engine's sync thread on the others); tokens/s inside each ``inflight`` shm sync's window (first
   bucket asked for to the end of the first step on the new weights) against an equally long window
-  right after it, with running requests keeping their KV cache and with it recomputed.
+  right after it, with running requests keeping their KV cache and with it recomputed; the syncs start once
+  the load is past its start-up (``LOAD_WARM_STEPS``), and the CPU time of the engine's sync thread is shown.
 
 The last line is ``sync ratio (ours/naive per-tensor): X`` (ours over shm); the same-link ratio (ours
 over gloo) is the line before.
@@ -38,6 +39,8 @@ from asyncrl.config import Config
 
 BENCH_MODEL = "sync-bench-qwen2"
 DECODE_BATCH = 8
+LOAD_WARM_STEPS = 20
+"""Decode steps the load takes before the first measured sync."""
 
 
 def build_bench_model(root: Path) -> Path:
@@ -80,7 +83,7 @@ def build_bench_model(root: Path) -> Path:
 
 
 def bench_sync(
-    cfg: Config, *, repeats: int = 3, syncs: int = 4, bucket_mb: float | None = None, out: TextIO = sys.stdout
+    cfg: Config, *, repeats: int = 3, syncs: int = 8, bucket_mb: float | None = None, out: TextIO = sys.stdout
 ) -> None:
     import torch
 
@@ -188,8 +191,9 @@ def bench_sync(
 
         # Decode throughput over shm syncs, the trainer's side here confined to the sync CPUs with one torch
         # thread. Each sync's window (first bucket asked for to the end of the first step on the new weights,
-        # which carries the re-prefill when the KV cache is recomputed) is followed by a quiet window of the
-        # same length, so a change in the machine's load hits both sides alike.
+        # which carries the re-prefill when the KV cache is recomputed) is compared with quiet windows of the same
+        # length right before and right after it, and syncs keeping and recomputing the KV cache alternate, so a
+        # change in the machine's load (other jobs) hits both sides alike.
         if split:
             os.sched_setaffinity(0, sync_cpus)
         threads = torch.get_num_threads()
@@ -199,11 +203,14 @@ def bench_sync(
             sender.send(tensors, 1999)
             engine.reply("sync", timeout + 10)
             engine.call("start_load", DECODE_BATCH, 64)
-            time.sleep(2.0)  # past the load's ramp-up (prefill of the first batch)
+            # Past the load's start-up: its first step (prefill, first kernels) took 4-10 s on a loaded 2-core
+            # machine, and a sync window holding it measured that, not the sync (0.1 instead of ~0.9).
+            engine.call("wait_steps", LOAD_WARM_STEPS, timeout, timeout_s=timeout + 10)
+            warm_end = engine.call("last_step")[0]
             windows: dict[bool, list[dict]] = {False: [], True: []}
             version = 2000
-            for recompute in (False, True):
-                for _ in range(syncs):
+            for _ in range(syncs):
+                for recompute in (False, True):
                     version += 1
                     engine.send_only("sync", version, cfg.sync.mode, recompute)
                     sender.send(tensors, version)
@@ -214,7 +221,8 @@ def bench_sync(
                         if time.monotonic() > deadline:
                             raise RuntimeError(f"the engine took no step on version {version} in {timeout}s")
                         time.sleep(0.01)
-                    time.sleep(last[0] - stats["started"] + 0.1)  # then a quiet window as long as the sync's
+                    # A quiet window as long as the sync's after it, and one before the next sync.
+                    time.sleep(2 * (last[0] - stats["started"]) + 0.2)
             steps = engine.call("stop_load")
         finally:
             torch.set_num_threads(threads)
@@ -223,25 +231,38 @@ def bench_sync(
         def tokens(start: float, end: float) -> int:
             return sum(count for stamp, count, _ in steps if start < stamp <= end)
 
-        during, without = {}, {}
+        firsts = {v: stamp for stamp, _, v in reversed(steps)}  # version -> end of its first step
+        ends = sorted([warm_end] + [firsts[w["version"]] for stats in windows.values() for w in stats])
+        during, without, each = {}, {}, {}
         for recompute, stats in windows.items():
-            sync_tokens = quiet_tokens = span = 0.0
+            sync_tokens = quiet_tokens = span = quiet_span = 0.0
+            each[recompute] = []
             for window in stats:
-                end = min(stamp for stamp, _, v in steps if v == window["version"])  # the first step on it
-                length = end - window["started"]
-                sync_tokens += tokens(window["started"], end)
-                quiet_tokens += tokens(end + 0.05, end + 0.05 + length)
-                span += length
-            during[recompute], without[recompute] = sync_tokens / span, quiet_tokens / span
+                start, end = window["started"], firsts[window["version"]]
+                length = end - start
+                # Before: not reaching back into the previous sync (or the load's start-up).
+                before_start = max(start - 0.05 - length, max(e for e in ends if e < start) + 0.05)
+                in_sync = tokens(start, end)
+                quiet = tokens(before_start, start - 0.05) + tokens(end + 0.05, end + 0.05 + length)
+                quiet_length = max(0.0, start - 0.05 - before_start) + length
+                sync_tokens, quiet_tokens = sync_tokens + in_sync, quiet_tokens + quiet
+                span, quiet_span = span + length, quiet_span + quiet_length
+                each[recompute].append(f"{in_sync / length / max(quiet / quiet_length, 1e-9):.2f}")
+            during[recompute], without[recompute] = sync_tokens / span, quiet_tokens / quiet_span
         kept = windows[False]
         say(f"engine switch: staging beside the live model median "
             f"{statistics.median(w['switch_seconds'] - w['locked_seconds'] for w in kept) * 1000:.1f} ms, "
             f"under the engine lock median {statistics.median(w['locked_seconds'] for w in kept) * 1000:.1f} ms "
             f"over {syncs} syncs")  # fmt: skip
+        for recompute, what in ((False, "KV cache kept"), (True, "KV cache recomputed")):
+            say(f"engine CPU per sync ({what}): the sync thread (receive, staging, switch) median "
+                f"{statistics.median(w['cpu_seconds'] for w in windows[recompute]) * 1000:.1f} ms; "
+                f"windows median {statistics.median(w['ended'] - w['started'] for w in windows[recompute]) * 1000:.0f} ms "
+                f"to the switch; decode ratio per sync {' '.join(each[recompute])}")  # fmt: skip
         pinned = f"decode on CPU {cpus[-1]}, both ends' sync on CPU(s) {cpus[:-1]}" if split else "one CPU, shared"
         for recompute, what in ((False, "running requests keep their KV cache"), (True, "KV cache recomputed")):
             say(f"decode tokens/s ({pinned}; {what}): {during[recompute]:.1f} during {syncs} {cfg.sync.mode} shm "
-                f"syncs, {without[recompute]:.1f} in as long right after each")  # fmt: skip
+                f"syncs, {without[recompute]:.1f} in as long right before and after each")  # fmt: skip
         say(
             f"broadcast/copy bandwidth: gloo {medians[COPY] / medians[GLOO]:.2f}, shm {medians[COPY] / medians[SHM]:.2f}"
         )

@@ -170,15 +170,17 @@ class _Child:
 
     def sync(self, version: int, mode: str, recompute_kv: bool | None = None) -> dict:
         """Receive ``version`` and switch to it (``recompute_kv``: see ``GenerationEngine.update_weights``);
-        returns ReceiveStats plus monotonic start/end stamps."""
-        started = time.monotonic()
+        returns ReceiveStats plus monotonic start/end stamps and ``cpu_seconds``, the CPU time of this thread
+        (the one that receives and stages; its torch ops run on it, ``omp_threads`` 1) during the sync."""
+        started, cpu_started = time.monotonic(), time.thread_time()
         if self.engine is not None:
             apply = self.receiver.apply_to(self.engine, recompute_kv=recompute_kv)
         else:
             apply = self._record
         pause = self.engine.paused if (self.engine is not None and mode == "pause") else None
         stats = self.receiver.sync(version, apply, pause)
-        return {**asdict(stats), "started": started, "ended": time.monotonic()}
+        cpu_seconds = time.thread_time() - cpu_started
+        return {**asdict(stats), "started": started, "ended": time.monotonic(), "cpu_seconds": cpu_seconds}
 
     def receive_only(self, version: int) -> float:
         """Stage every bucket of ``version`` without switching; the monotonic time the last one landed."""
@@ -231,6 +233,18 @@ class _Child:
             engine.step()
             tokens = engine.tokens_sampled - before
             self.steps.append((time.monotonic(), tokens, version))
+
+    def wait_steps(self, count: int, timeout_s: float) -> float:
+        """Wait until the load has taken ``count`` steps (its first ones carry the start-up: prefill, first
+        kernels); the seconds waited."""
+        started = time.monotonic()
+        while len(self.steps) < count:
+            if self._load_thread is None or not self._load_thread.is_alive():
+                raise RuntimeError("the decode load is not running")
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"the decode load took {len(self.steps)} of {count} steps in {timeout_s}s")
+            time.sleep(0.01)
+        return time.monotonic() - started
 
     def last_step(self) -> tuple[float, int, int] | None:
         """The load's latest step (monotonic end, tokens, version), None before its first."""
