@@ -135,11 +135,13 @@ class _LosingRelay:
         tail = b""
         try:
             while data := client.recv(65536):
-                server.sendall(data)
                 seen, tail = tail + data, data[-16:]
-                if self.armed.is_set() and b"EVALSHA" in seen:
+                losing = self.armed.is_set() and b"EVALSHA" in seen
+                if losing:  # before the bytes go on: an answer that came back at once must not reach the client
                     self.armed.clear()
                     lose.set()
+                server.sendall(data)
+                if losing:
                     time.sleep(0.5)  # the server runs the script and answers; the relay keeps the answer
                     break
         except OSError:
