@@ -523,7 +523,7 @@ class PoolConfig:
     cpus: float = 1.0
     """CPUs per worker; also its compute threads (OMP_NUM_THREADS), at least 1."""
     gpus: float = 0.0
-    """GPUs per worker (a rollout worker with tensor_parallel > 1 needs that many)."""
+    """GPUs per worker (a GPU rollout worker with tensor_parallel > 1 needs that many)."""
     accelerator_type: str = ""
     """Ray accelerator type the worker must land on, e.g. `H100` or `A10G` (the node's `accelerator_type:<X>`)."""
     resources: dict[str, float] = field(default_factory=dict)
@@ -531,7 +531,7 @@ class PoolConfig:
     strategy: str = "PACK"
     """Placement-group strategy: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD."""
     tensor_parallel: int = 1
-    """Engine tensor-parallel size (rollout pools; CUDA engines)."""
+    """Engine tensor-parallel size (rollout pools): one GPU per rank, or on CPU (gpus 0) one process per rank."""
     dtype: str = ""
     """Engine dtype of this pool (float32, bfloat16 or float16); empty uses model.dtype. The sync plan casts the
     trainer's weights to it, so the pool's engines receive (and hold) exactly the cast weights."""
@@ -550,11 +550,11 @@ class PoolConfig:
         _require(self.gpus >= 0, f"{key}.gpus must be >= 0, got {self.gpus}")
         _one_of(f"{key}.strategy", self.strategy, PLACEMENT_STRATEGIES)
         _require(self.tensor_parallel >= 1, f"{key}.tensor_parallel must be >= 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1:
+        if self.tensor_parallel > 1 and self.gpus > 0:  # on CPU (gpus 0) the ranks are processes on its CPUs
             _require(
                 self.gpus >= self.tensor_parallel,
                 f"{key}.gpus ({self.gpus}) must be >= {key}.tensor_parallel ({self.tensor_parallel}): "
-                "one GPU per tensor-parallel rank",
+                "one GPU per tensor-parallel rank (or gpus 0 for CPU engines)",
             )
         if self.dtype:
             _one_of(f"{key}.dtype", self.dtype, POOL_DTYPES if self.role == "rollout" else TRAINER_DTYPES)

@@ -2,7 +2,8 @@
 and `bf16` (bfloat16, the store transport, its own bucket size). The run finishes, the engines' version
 advances with every step, and both pools generate trajectories sampled by the synced weights. An engine of
 the bfloat16 pool killed (SIGKILL) or stopped (SIGSTOP) mid-run is restarted and brought back through its own
-pool's link while the fp32 pool goes on."""
+pool's link while the fp32 pool goes on. A tensor-parallel pool (two vLLM CPU processes) trains on its per-rank
+shards."""
 
 import os
 import re
@@ -32,6 +33,18 @@ def test_two_rollout_pools_of_different_dtype_and_transport_train(tmp_path):
     assert workers == {"rollout-0", "rollout-1"}, workers
     for worker in workers:  # each pool trained on samples of weights that reached it by its own link
         assert max(row["version_start"] for row in ledger if row["worker_id"] == worker) >= 1, worker
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_pool_trains_on_its_per_rank_shards(tmp_path):
+    pools = "resources.pools=[{name: trainers, role: trainer, cpus: 1}, {name: tp2, role: rollout, cpus: 2, tensor_parallel: 2}]"
+    overrides = ("run.name=tp", "run.steps=3", "scheduler.max_staleness=0", "sync.transport=broadcast", pools)
+    metrics, ledger = train_tiny(tmp_path / "run", *overrides)
+    assert [m["engine_version"] for m in metrics] == [1, 2, 3]
+    assert {row["worker_id"] for row in ledger} == {"rollout-0"}
+    # k=0: every sample trained at version v was generated whole by the weights of version v, synced shard by shard.
+    assert all(row["version_start"] == row["version_end"] == row["trained_at_version"] for row in ledger)
+    assert sorted({row["trained_at_version"] for row in ledger}) == [0, 1, 2]
 
 
 @pytest.mark.slow

@@ -43,14 +43,15 @@ def test_no_pools_is_the_single_machine_default():
         ("resources.pools.0.role=rollout", "exactly one pool with role=trainer"),
         ("resources.pools.1.count=0", "resources.pools[1].count must be >= 1"),
         ("resources.pools.1.resources.rollout_node=0", "resources.pools[1].resources.rollout_node must be > 0"),
-        ("resources.pools.1.tensor_parallel=2", "resources.pools[1].gpus (0.0) must be >= "),
+        ("resources.pools.1.tensor_parallel=0", "resources.pools[1].tensor_parallel must be >= 1"),
+        (["resources.pools.1.gpus=1", "resources.pools.1.tensor_parallel=2"], "resources.pools[1].gpus (1.0) must be >= "),
         ("resources.pools.1.strtegy=PACK", "did you mean 'resources.pools[1].strategy'"),
         ("resources.pools.5.count=1", "resources.pools has 2 item(s), no index 5"),
     ],
 )
 def test_bad_pools_name_the_key(pooled, override, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config(pooled, [override])
+        load_config(pooled, override if isinstance(override, list) else [override])
     assert fragment in str(err.value)
 
 
