@@ -414,10 +414,11 @@ class GenerationEngine:
                 self._staged.commit()
             else:
                 self._engine.collective_rpc(_reload_weights_on_worker, args=(named_tensors,))
-            # Cached KV was computed by the old weights. With recompute, running requests are
-            # preempted and re-prefilled by the new weights; either way the prefix cache empties.
-            reset = self._engine.reset_prefix_cache(reset_running_requests=recompute_kv)
-            if recompute_kv and not reset:
+            # Cached KV was computed by the old weights. With recompute, running requests are preempted and
+            # re-prefilled by the new weights and the prefix cache empties. Without, the engine has no prefix
+            # cache (see __init__) and running requests keep their blocks: nothing to reset (vLLM's reset would
+            # only fail on those blocks, with a warning under the lock at every sync).
+            if recompute_kv and not self._engine.reset_prefix_cache(reset_running_requests=True):
                 raise RuntimeError("vLLM could not reset its KV cache after a weight update")
             self.version = version
             self._engine.set_weight_version(str(version))
@@ -434,8 +435,8 @@ class GenerationEngine:
                 with self._lock:
                     started = time.perf_counter()
                     self._engine.collective_rpc(_load_shards_on_worker, args=(shards_by_rank,))
-                    reset = self._engine.reset_prefix_cache(reset_running_requests=self._recompute_kv_on_update)
-                    if self._recompute_kv_on_update and not reset:
+                    recompute = self._recompute_kv_on_update  # without: no prefix cache, nothing to reset (_switch)
+                    if recompute and not self._engine.reset_prefix_cache(reset_running_requests=True):
                         raise RuntimeError("vLLM could not reset its KV cache after a weight update")
                     self.version = version
                     self._engine.set_weight_version(str(version))
