@@ -268,12 +268,12 @@ class TrainerWorker:
                     filtered += 1
                 else:
                     accepted += group.num_rows
-                    if accepted >= needed:
-                        self._start_prefetch(-(-needed // cfg.rollout.group_size))
                     ledger.extend(_ledger_rows(group, version))
                 if self.carry and accepted < needed:
                     continue  # the groups already read are scored together (one estimator call), then trained
             pending.extend(scorer.ready())
+            if accepted >= needed:  # after the scoring: the read then overlaps forward and backward only
+                self._start_prefetch(-(-needed // cfg.rollout.group_size))
             while _rows(pending) >= micro or (pending and trained + _rows(pending) == needed):
                 batch_table, pending = _split(pending, micro)
                 tic = time.monotonic()
