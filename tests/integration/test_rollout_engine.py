@@ -111,14 +111,20 @@ def test_update_weights_matches_transformers(engine: GenerationEngine, hf_model)
         engine.update_weights(original.items(), version=0)
 
 
+def _finish_across_an_update(engine: GenerationEngine, weights: dict) -> list:
+    """Five engine steps, the update to ``weights`` (as version 1), then steps until every request has finished."""
+    finished = [sequence for _ in range(5) for sequence in engine.step()]
+    engine.update_weights(weights.items(), version=1)
+    while engine.num_unfinished():
+        finished.extend(engine.step())
+    return finished
+
+
 def test_token_versions_span_an_update(engine: GenerationEngine, hf_model) -> None:
     perturbed = _perturbed_state(hf_model, seed=3)
     for index, prompt in enumerate(PROMPTS):
         engine.add_request(f"t3-{index}", prompt, max_new_tokens=40, seed=index)
-    finished = [sequence for _ in range(5) for sequence in engine.step()]
-    engine.update_weights(perturbed.items(), version=1)
-    while engine.num_unfinished():
-        finished.extend(engine.step())
+    finished = _finish_across_an_update(engine, perturbed)
     original = {name: param.detach().clone() for name, param in hf_model.named_parameters()}
     try:
         spanned = [sequence for sequence in finished if len(sequence.response_ids) > 5]
@@ -228,10 +234,7 @@ def test_a_group_request_returns_each_sample_as_a_request_of_its_own(engine: Gen
     ids = engine.add_samples("t7", PROMPTS[2], 4, max_new_tokens=40, seed=0)
     engine.add_request("t7-single", PROMPTS[0], max_new_tokens=40, seed=9)
     assert ids == [f"t7:{j}" for j in range(4)] and engine.num_unfinished() == 5
-    finished = [sequence for _ in range(5) for sequence in engine.step()]
-    engine.update_weights(perturbed.items(), version=1)
-    while engine.num_unfinished():
-        finished.extend(engine.step())
+    finished = _finish_across_an_update(engine, perturbed)
     original = {name: param.detach().clone() for name, param in hf_model.named_parameters()}
     try:
         by_id = {sequence.request_id: sequence for sequence in finished}

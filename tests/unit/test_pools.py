@@ -44,7 +44,10 @@ def test_no_pools_is_the_single_machine_default():
         ("resources.pools.1.count=0", "resources.pools[1].count must be >= 1"),
         ("resources.pools.1.resources.rollout_node=0", "resources.pools[1].resources.rollout_node must be > 0"),
         ("resources.pools.1.tensor_parallel=0", "resources.pools[1].tensor_parallel must be >= 1"),
-        (["resources.pools.1.gpus=1", "resources.pools.1.tensor_parallel=2"], "resources.pools[1].gpus (1.0) must be >= "),
+        (
+            ["resources.pools.1.gpus=1", "resources.pools.1.tensor_parallel=2"],
+            "resources.pools[1].gpus (1.0) must be >= ",
+        ),
         ("resources.pools.1.strtegy=PACK", "did you mean 'resources.pools[1].strategy'"),
         ("resources.pools.5.count=1", "resources.pools has 2 item(s), no index 5"),
     ],
