@@ -282,14 +282,14 @@ def _store_upkeep(store) -> dict:
     """Trim what every consumer is done with; the store's health as step metrics.
 
     ``store_dead_letters`` counts entries taken out of a stage (bad payloads, too many
-    deliveries) since the start; ``store_put_wait_seconds`` is how long rollout workers have
+    deliveries, a stage that raised on them) since the start; ``store_put_wait_seconds`` is how long rollout workers have
     waited on a full trajectories stream (back-pressure) since the start.
     """
     streams = (Streams.PROMPTS, Streams.TRAJECTORIES, Streams.DROPPED)
     for stream in streams:
         store.trim(stream)
     return {
-        "store_dead_letters": sum(store.dead_letter_count(stream) for stream in streams),
+        "store_dead_letters": sum(store.dead_letter_count(stream) for stream in (*streams, Streams.GENERATED)),
         "store_inflight_mb": store.inflight(Streams.TRAJECTORIES)[1] / 2**20,
         "store_inflight_prompts": store.inflight(Streams.PROMPTS)[0],
         "store_put_wait_seconds": store.incr("put_wait_ms", 0) / 1000,
@@ -392,7 +392,7 @@ def _issue_prompts(store, scheduler: Scheduler, prompts) -> int:
 
 
 def _read_dropped(store) -> list[int]:
-    """Prompt indices of groups the trainer dropped as stale since the last poll."""
+    """Prompt indices of groups dropped since the last poll: by the trainer as stale, or by a stage that raised."""
     entries = store.read(Streams.DROPPED, Groups.CONTROLLER, "driver", count=100, block_ms=0)
     if not entries:
         return []

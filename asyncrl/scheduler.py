@@ -74,11 +74,13 @@ class Scheduler:
         return picked
 
     def on_dropped(self, prompt_indices: list[int]) -> None:
-        """The trainer dropped these stale groups: free their admission slots, maybe issue them again."""
-        self.dropped += len(prompt_indices)
-        self.outstanding.difference_update(prompt_indices)
+        """The trainer dropped these stale groups, or a stage set them aside: free their admission slots, maybe
+        issue them again. A prompt reported twice (two stages raised on its entry) counts once."""
+        fresh = [index for index in dict.fromkeys(prompt_indices) if index in self.outstanding]
+        self.dropped += len(fresh)
+        self.outstanding.difference_update(fresh)
         if self.cfg.on_stale == "regenerate":
-            self.requeued.extend(prompt_indices)
+            self.requeued.extend(fresh)
 
     @classmethod
     def starting_at(cls, cfg: SchedulerConfig, prompts_per_step: int, version: int) -> Scheduler:

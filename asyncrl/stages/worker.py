@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500  # one bounded wait for new entries; the loop checks for stop between two
 CHECK_EVERY_S = 1.0  # the driver asks the stages for their health at most this often
+MAX_FAILED_IN_A_ROW = 3  # a stage that raises on this many entries in a row is broken, not fed one bad entry
+
+
+class StageBroken(RuntimeError):
+    """A stage raised on ``MAX_FAILED_IN_A_ROW`` entries in a row: the run ends with its last error."""
 
 
 def stage_names(cfg: StagesConfig) -> list[str]:
@@ -44,10 +49,11 @@ class StageWorker:
 
         self.name, self.consumer = name, f"{name}-{index}"
         self.stage = _stage_class(name)(cfg, model_path)
+        self.columns = [*self.stage.columns, "prompt_id"]  # prompt_id: to report an entry the stage raised on
         self.ready_when = [column for stage in stage_names(cfg.stages) for column in _stage_class(stage).adds]
         self.store = TrajectoryStore.from_config(store_url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.GENERATED, name)
-        self.entries = self.rows = 0
+        self.entries = self.rows = self.failed = self.failed_in_a_row = 0
         self.busy_seconds = 0.0
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -62,7 +68,7 @@ class StageWorker:
         return None if self.error is None else repr(self.error)
 
     def stats(self) -> dict[str, float]:
-        return {"entries": self.entries, "rows": self.rows, "busy_seconds": self.busy_seconds}
+        return {"entries": self.entries, "rows": self.rows, "failed": self.failed, "busy_seconds": self.busy_seconds}
 
     def stop(self) -> None:
         self._stop.set()
@@ -71,8 +77,7 @@ class StageWorker:
     def _run(self) -> None:
         try:
             backlog = self.store.claim_stale(
-                Streams.GENERATED, self.name, self.consumer, 0, count=1000, columns=self.stage.columns,
-                owner=self.consumer,
+                Streams.GENERATED, self.name, self.consumer, 0, count=1000, columns=self.columns, owner=self.consumer,
             )  # fmt: skip
             if backlog:
                 log.warning("%s stage took back %d entries its previous process held", self.name, len(backlog))
@@ -85,19 +90,42 @@ class StageWorker:
 
     def _read(self) -> list:
         return self.store.read(
-            Streams.GENERATED, self.name, self.consumer, count=4, block_ms=READ_BLOCK_MS, columns=self.stage.columns
+            Streams.GENERATED, self.name, self.consumer, count=4, block_ms=READ_BLOCK_MS, columns=self.columns
         )
 
     def _handle(self, entries: list) -> None:
         for entry in entries:
             tic = time.monotonic()
-            columns = self.stage(entry.table)
+            try:
+                columns = self.stage(entry.table)
+            except Exception as exc:  # the fault boundary of one entry; the store's own errors end the loop
+                self._set_aside(entry, exc)
+                continue
+            self.failed_in_a_row = 0
             self.store.advance(
                 Streams.GENERATED, self.name, entry.id, Streams.TRAJECTORIES, columns, ready_when=self.ready_when
             )
             self.busy_seconds += time.monotonic() - tic
             self.entries += 1
             self.rows += entry.table.num_rows
+
+    def _set_aside(self, entry: Any, exc: Exception) -> None:
+        """Move an entry the stage raised on to the dead-letter stream (with the error, for ``asyncrl store``) and
+        report each of its groups as dropped, so the scheduler frees their slots and, with
+        ``scheduler.on_stale=regenerate``, issues those prompts again; the run goes on. Raises ``StageBroken``
+        once ``MAX_FAILED_IN_A_ROW`` entries in a row failed."""
+        import pyarrow as pa
+
+        self.failed += 1
+        self.failed_in_a_row += 1
+        reason = f"{self.name} stage raised {type(exc).__name__}: {exc}"
+        if self.failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+            raise StageBroken(f"{reason} (and on the {MAX_FAILED_IN_A_ROW - 1} entries before it)") from exc
+        log.error("%s stage: entry %s set aside: %s", self.name, entry.id, reason)
+        self.store.dead_letter(Streams.GENERATED, self.name, entry.id, reason)
+        prompts = dict.fromkeys(entry.table.column("prompt_id").to_pylist())
+        tables = [pa.table({"prompt_id": [prompt]}) for prompt in prompts]
+        self.store.put_many(Streams.DROPPED, tables, [{"stage": self.name, "reason": reason}] * len(tables))
 
 
 class StageSet:
@@ -141,8 +169,8 @@ class StageSet:
                 raise RuntimeError(f"stage worker {name} failed: {error}")
 
     def record(self) -> dict[str, float]:
-        """Per stage, summed over its workers since start: busy seconds (``NAME_stage_busy_s``) and rows it
-        handled (``NAME_stage_rows``)."""
+        """Per stage, summed over its workers since start: busy seconds (``NAME_stage_busy_s``), rows it
+        handled (``NAME_stage_rows``) and entries it raised on and set aside (``NAME_stage_failed``)."""
         import ray
 
         names = list(self.handles)
@@ -152,6 +180,7 @@ class StageSet:
             stage = name.rpartition("-")[0]
             out[f"{stage}_stage_busy_s"] = round(out.get(f"{stage}_stage_busy_s", 0.0) + stat["busy_seconds"], 3)
             out[f"{stage}_stage_rows"] = out.get(f"{stage}_stage_rows", 0) + stat["rows"]
+            out[f"{stage}_stage_failed"] = out.get(f"{stage}_stage_failed", 0) + stat["failed"]
         return out
 
     def stop(self) -> None:

@@ -150,3 +150,62 @@ def test_a_restarted_stage_takes_back_the_entries_its_previous_process_read(stor
         _stopped(reward)
     assert len(entries) == 1 and entries[0].table.num_rows == 4
     assert store.pending(Streams.GENERATED, Groups.REWARD) == 0
+
+
+def _entry_of(prompt_id: str, token: int = 5) -> pa.Table:
+    """``_generated()`` as prompt ``prompt_id``'s group, its prompts starting with token id ``token``."""
+    table = _generated()
+    prompts = [[token, *ids[1:]] for ids in table.column("prompt_ids").to_pylist()]
+    table = table.set_column(
+        table.schema.get_field_index("prompt_ids"), "prompt_ids", pa.array(prompts, pa.list_(pa.int32()))
+    )
+    return table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", pa.array([prompt_id] * 4))
+
+
+def _until(what: str, check, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.05)
+    pytest.fail(f"no {what} within {timeout_s}s")
+
+
+def test_an_entry_the_stage_raises_on_is_set_aside_and_reported_and_the_stage_goes_on(store, redis_url, tiny_model):
+    """A token id past the vocabulary makes the reference model's embedding raise (a real fault, not a fake): that
+    entry goes to the dead-letter stream with the error and its prompt to the dropped stream; the next is handled."""
+    cfg = _config(store, "stages.reward=true", "stages.reference=true")
+    store.ensure_group(Streams.GENERATED, Groups.REFERENCE)
+    store.ensure_group(Streams.DROPPED, Groups.CONTROLLER)
+    for table in (_entry_of("p7", token=10**6), _entry_of("p8")):
+        store.put(Streams.GENERATED, table, {"rows": table.num_rows})
+    reference = StageWorker(cfg, tiny_model, redis_url, "reference")
+    try:
+        stats = _until("two entries handled", lambda: (s := reference.stats())["entries"] + s["failed"] == 2 and s)
+        assert stats["entries"] == 1 and stats["failed"] == 1 and reference.health() is None
+    finally:
+        _stopped(reference)
+    (dead,) = store.dead_letters(Streams.GENERATED)
+    assert dead.group == Groups.REFERENCE and "reference stage raised IndexError" in dead.reason
+    dropped = store.read(Streams.DROPPED, Groups.CONTROLLER, "driver", count=10, block_ms=100)
+    assert [entry.table.column("prompt_id").to_pylist() for entry in dropped] == [["p7"]]
+    assert store.pending(Streams.GENERATED, Groups.REFERENCE) == 0  # p8's entry was advanced, p7's set aside
+
+
+def test_a_stage_that_raises_on_every_entry_ends_with_the_error(store, redis_url, tiny_model):
+    from asyncrl.stages.worker import MAX_FAILED_IN_A_ROW
+
+    cfg = _config(store, "stages.reference=true")
+    store.ensure_group(Streams.GENERATED, Groups.REFERENCE)
+    for index in range(MAX_FAILED_IN_A_ROW):
+        table = _entry_of(f"p{index}", token=10**6)
+        store.put(Streams.GENERATED, table, {"rows": table.num_rows})
+    reference = StageWorker(cfg, tiny_model, redis_url, "reference")
+    try:
+        error = _until("the stage's error", reference.health)
+    finally:
+        _stopped(reference)
+    assert (
+        "StageBroken" in error and "IndexError" in error and f"on the {MAX_FAILED_IN_A_ROW - 1} entries before" in error
+    )
+    assert reference.stats()["failed"] == MAX_FAILED_IN_A_ROW
