@@ -13,6 +13,7 @@ from asyncrl.models import build_tiny_model
 from asyncrl.stages import StageWorker
 from asyncrl.types import GENERATED_SCHEMA, TRAJECTORY_SCHEMA, Groups, Streams, table_from_rows
 from tests.conftest import first_server_only
+from tests.integration.test_store_restart import _until
 
 pytestmark = first_server_only
 
@@ -162,15 +163,6 @@ def _entry_of(prompt_id: str, token: int = 5) -> pa.Table:
     return table.set_column(table.schema.get_field_index("prompt_id"), "prompt_id", pa.array([prompt_id] * 4))
 
 
-def _until(what: str, check, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(0.05)
-    pytest.fail(f"no {what} within {timeout_s}s")
-
-
 def test_an_entry_the_stage_raises_on_is_set_aside_and_reported_and_the_stage_goes_on(store, redis_url, tiny_model):
     """A token id past the vocabulary makes the reference model's embedding raise (a real fault, not a fake): that
     entry goes to the dead-letter stream with the error and its prompt to the dropped stream; the next is handled."""
@@ -181,7 +173,9 @@ def test_an_entry_the_stage_raises_on_is_set_aside_and_reported_and_the_stage_go
         store.put(Streams.GENERATED, table, {"rows": table.num_rows})
     reference = StageWorker(cfg, tiny_model, redis_url, "reference")
     try:
-        stats = _until("two entries handled", lambda: (s := reference.stats())["entries"] + s["failed"] == 2 and s)
+        stats = _until(
+            "two entries handled", lambda: (s := reference.stats())["entries"] + s["failed"] == 2 and s, 60.0
+        )
         assert stats["entries"] == 1 and stats["failed"] == 1 and reference.health() is None
     finally:
         _stopped(reference)
@@ -202,7 +196,7 @@ def test_a_stage_that_raises_on_every_entry_ends_with_the_error(store, redis_url
         store.put(Streams.GENERATED, table, {"rows": table.num_rows})
     reference = StageWorker(cfg, tiny_model, redis_url, "reference")
     try:
-        error = _until("the stage's error", reference.health)
+        error = _until("the stage's error", reference.health, 60.0)
     finally:
         _stopped(reference)
     assert (
