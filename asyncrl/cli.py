@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         "rollout",
         help="our rollout path vs bare vLLM: output tokens/s and their ratio",
         description="Sample rollout.group_size responses for each of N prompts through (a) bare vLLM "
-        "LLM.generate and (b) one RolloutWorker in this process (no Ray) fed and drained through an embedded "
-        "store, alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
+        "LLM.generate and (b) one RolloutWorker in this process (no Ray) fed through an embedded store and "
+        "drained by a reader process (where a trainer would read), alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
         "last the line 'rollout ratio (ours/bare vLLM): X'. Fair by construction: both engines get the same "
         "engine arguments (max_num_seqs, kv cache, dtype, prefix caching, eager), the same prompt token ids, "
         "temperature, top_p, max_new_tokens and group_size samples per prompt, token ids out with the sampled "

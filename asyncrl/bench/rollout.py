@@ -4,7 +4,8 @@ Baseline: ``vllm.LLM(...).generate`` on the prompts' token ids with ``SamplingPa
 engine arguments as ``GenerationEngine`` builds them. Ours: one ``RolloutWorker`` in this process
 (no Ray, so no actor scheduling noise), fed through an embedded store exactly as the controller
 feeds it, timed from the prompt push until every scored group has been read back from the
-trajectories stream (engine -> rewards -> Arrow -> Redis -> reader). Both sides get the prompts
+trajectories stream (engine -> rewards -> Arrow -> Redis -> reader). The reader is a process of its own
+(``asyncrl.bench.drain``), as a trainer is in a run. Both sides get the prompts
 tokenised once, before the timing (the baseline as token ids, ours as the controller's tokenised
 prompt source, ``asyncrl.data.TokenizedPrompts``).
 
@@ -24,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from asyncrl.bench.drain import DrainProcess
 from asyncrl.bench.memory import own_peak_rss_mb, server_peak_rss_mb
 from asyncrl.config import Config, ConfigError
 
 # The longest one measured batch may take before the bench gives up naming the side that hung.
 RUN_TIMEOUT_S = 600.0
-BENCH_READER = "bench"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +92,7 @@ class BareVllm:
 
 
 class InProcessRollout:
-    """Ours: one ``RolloutWorker`` thread in this process, fed and drained through the store."""
+    """Ours: one ``RolloutWorker`` thread in this process, fed through the store and drained by a child process."""
 
     def __init__(self, cfg: Config, model_path: str, url: str, prompts) -> None:
         from asyncrl.types import Groups, Streams
@@ -102,49 +103,39 @@ class InProcessRollout:
         self.prompts = prompts  # the controller's source (asyncrl.data.tokenized_prompts)
         self.store = TrajectoryStore.from_config(url, cfg.run.name, cfg.store)
         self.store.ensure_group(Streams.TRAJECTORIES, Groups.TRAINER)
+        # The trajectories are read back in a process of its own, as a trainer reads them: a reader thread here
+        # would hold this process's GIL for every Arrow decode and Redis reply, which no rollout worker pays.
+        self.drain = DrainProcess(url, cfg.run.name, cfg.store)
         self.worker = RolloutWorker(cfg, model_path, url, "bench-0")
         self.worker.start()
 
     def run(self, num_prompts: int) -> Measurement:
-        """Push ``num_prompts`` prompts as the controller does; wait until all their groups are read back.
+        """Push ``num_prompts`` prompts as the controller does; wait until the drain process has read all their groups.
 
-        Waits on: the trajectories stream (bounded blocking reads). Unblocked by the worker pushing
-        a scored group; fails if the worker's loop died or the batch overran ``RUN_TIMEOUT_S``.
+        Waits on: the drain's reply (bounded polls). Unblocked by the drain reading the last scored group; fails if
+        the worker's loop or the drain died, or the batch overran ``RUN_TIMEOUT_S``.
         """
-        import pyarrow.compute as pc
-
         from asyncrl.config import SchedulerConfig
         from asyncrl.controller import _issue_prompts
         from asyncrl.scheduler import Scheduler
-        from asyncrl.types import Groups, Streams
 
         # A fresh zero-staleness scheduler admits exactly num_prompts groups: prompts 0..num_prompts-1.
         scheduler = Scheduler(SchedulerConfig(max_staleness=0), num_prompts)
         expected = num_prompts * self.cfg.rollout.group_size
-        sequences = tokens = 0
         started = time.perf_counter()
+        self.drain.expect(expected)
         _issue_prompts(self.store, scheduler, self.prompts)
-        while sequences < expected:
+        while (drained := self.drain.result(timeout_s=0.05)) is None:
             if self.worker.error is not None:
                 raise RuntimeError(f"rollout worker failed: {self.worker.error!r}")
             if time.perf_counter() - started > RUN_TIMEOUT_S:
-                raise TimeoutError(f"ours: {sequences}/{expected} sequences after {RUN_TIMEOUT_S:.0f}s")
-            entries = self.store.read(
-                Streams.TRAJECTORIES,
-                Groups.TRAINER,
-                BENCH_READER,
-                count=expected,
-                block_ms=1000,
-                columns=["response_ids"],
-            )
-            for entry in entries:
-                sequences += entry.table.num_rows
-                tokens += pc.sum(pc.list_value_length(entry.table.column("response_ids"))).as_py() or 0
-            self.store.ack(Streams.TRAJECTORIES, Groups.TRAINER, [entry.id for entry in entries])
+                raise TimeoutError(f"ours: the groups of {num_prompts} prompts not read after {RUN_TIMEOUT_S:.0f}s")
+        sequences, tokens = drained
         return Measurement(sequences, tokens, time.perf_counter() - started)
 
     def close(self) -> None:
         self.worker.stop()
+        self.drain.close()
         self.store.purge()
         self.store.client.close()
 
