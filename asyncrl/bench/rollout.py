@@ -27,6 +27,7 @@ from typing import TextIO
 
 from asyncrl.bench.drain import DrainProcess
 from asyncrl.bench.memory import own_peak_rss_mb, server_peak_rss_mb
+from asyncrl.bench.pairs import pairs_line
 from asyncrl.config import Config, ConfigError
 
 # The longest one measured batch may take before the bench gives up naming the side that hung.
@@ -210,6 +211,7 @@ def bench_rollout(
     own_peak = own_peak_rss_mb()
     redis_text = "n/a (external store.url)" if redis_peak is None else f"{redis_peak:.0f} MB"
     print(f"\npeak RSS: this process (both engines) {own_peak:.0f} MB, redis-server {redis_text}", file=out)
+    print(pairs_line([m.tokens_per_s for m in ours], [m.tokens_per_s for m in bare]), file=out)
     print(f"rollout ratio (ours/bare vLLM): {ratio:.2f}", file=out)
     return ratio
 

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from asyncrl.bench.memory import own_peak_rss_mb, server_peak_rss_mb
+from asyncrl.bench.pairs import pairs_line
 from asyncrl.config import Config, ConfigError
 from asyncrl.types import TRAJECTORY_SCHEMA, Streams
 
@@ -269,5 +270,6 @@ def bench_train(
     print(f"{'median':>6} | {bare_median:>10.1f} {'':>7} | {ours_median:>10.1f}", file=out)
     redis_text = "n/a (external store.url)" if redis_peak is None else f"{redis_peak:.0f} MB"
     print(f"\npeak RSS: this process (both engines) {own_peak_rss_mb():.0f} MB, redis-server {redis_text}", file=out)
+    print(pairs_line([m.tokens_per_s for m in ours], [m.tokens_per_s for m in bare]), file=out)
     print(f"train ratio (ours/bare DeepSpeed): {ratio:.2f}", file=out)
     return ratio

@@ -27,6 +27,7 @@ def test_bench_rollout_prints_the_ratio_last():
     assert float(match.group(1)) > 0
     assert any(line.split("|")[0].strip() == "median" for line in lines), proc.stdout
     assert "redis-server" in proc.stdout and "peak RSS" in proc.stdout
+    assert lines[-2].startswith("run pairs (ours/baseline") and "over 1 pairs" in lines[-2], proc.stdout
 
 
 @pytest.mark.slow
@@ -84,6 +85,7 @@ def test_bench_train_runs_both_sides_on_the_same_batches_and_prints_the_ratio_la
     assert any(line.split("|")[0].strip() == "median" for line in lines), proc.stdout
     assert "2 optimizer steps/run of 2 prompts x 4 samples" in proc.stdout
     assert "ZeRO-1" in proc.stdout and "redis-server" in proc.stdout and "peak RSS" in proc.stdout
+    assert lines[-2].startswith("run pairs (ours/baseline") and "over 1 pairs" in lines[-2], proc.stdout
 
 
 @pytest.mark.slow
