@@ -22,8 +22,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -43,6 +44,7 @@ from storage.codec import (
     segment_key,
     stored_names,
 )
+from storage.delivered import Delivered
 from storage.wire import set_then, set_then_many
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ RETENTION_MODES = ("ack", "checkpoint")
 # A blocking XREADGROUP is answered by the server only when the block ends, so the block must
 # end this long before the client's socket timeout, or a quiet stream reads as a dead server.
 _BLOCK_MARGIN_MS = 1000
+_PENDING_PAGE = 1000
+"""Pending entries listed per XPENDING call when a client looks through a consumer's whole pending list."""
 _MAX_PUT_POLL_S = 0.05
 
 
@@ -170,6 +174,9 @@ class TrajectoryStore:
         self.max_block_ms = max(1, timeout_ms - min(_BLOCK_MARGIN_MS, timeout_ms // 2))
         self.put_wait_s = 0.0
         """Seconds ``put`` has waited for room on a full stream, in total."""
+        self.lost_replies = 0
+        """Entries found again that a reply lost to a dropped connection had delivered (see ``Delivered``)."""
+        self._delivered = Delivered()
         self._put = client.register_script(scripts.PUT)
         self._ack = client.register_script(scripts.ACK)
         self._advance = client.register_script(scripts.ADVANCE)
@@ -335,11 +342,65 @@ class TrajectoryStore:
         until ``ack`` or ``advance``. ``columns`` selects the payload columns to fetch (only
         those bytes leave Redis). An entry whose payload lacks one of them, does not decode, or
         (with ``expect``) has a column of another type goes to the dead-letter stream instead,
-        with the reason; the read returns the others.
+        with the reason; the read returns the others. A read whose connection dropped and was retried also
+        returns, first, the entries an earlier try's lost reply delivered (so it may return more than ``count``).
         """
         block = min(block_ms, self.max_block_ms) if block_ms > 0 else None
-        reply = self.client.xreadgroup(group, consumer, {self.key(stream): ">"}, count=count, block=block)
-        return self._load(stream, group, _stream_records(reply), columns, expect, deliveries={})
+        stream_key = self.key(stream)
+        records = self._deliver(
+            stream_key,
+            group,
+            consumer,
+            lambda: _stream_records(
+                self.client.xreadgroup(group, consumer, {stream_key: ">"}, count=count, block=block)
+            ),
+        )
+        return self._load(stream, group, records, columns, expect, deliveries={})
+
+    def _deliver(self, stream_key: str, group: str, consumer: str, fetch: Callable[[], list]) -> list:
+        """The records of ``fetch``, a call that makes entries pending for ``consumer``, noted as handed out. If the
+        call had to reconnect (the server was restarted), an earlier try's reply may have been lost with entries it
+        delivered: the consumer's pending entries never handed out come first."""
+        with self._delivered.lock:
+            before = _reconnects(self.client)
+            records = fetch()
+            if _reconnects(self.client) != before:
+                records = self._lost(stream_key, group, consumer, {_text(record[0]) for record in records}) + records
+            if self._delivered.add(stream_key, group, consumer, [_text(record[0]) for record in records]):
+                self._delivered.keep(stream_key, group, consumer, self._pending_ids(stream_key, group, consumer))
+        return records
+
+    def _pending_ids(self, stream_key: str, group: str, consumer: str) -> list[str]:
+        """Every id pending for ``consumer``, oldest first, a page at a time."""
+        ids: list[str] = []
+        start: str = "-"
+        while True:
+            rows = self.client.xpending_range(
+                stream_key, group, min=start, max="+", count=_PENDING_PAGE, consumername=consumer
+            )
+            ids.extend(_text(row["message_id"]) for row in rows)
+            if len(rows) < _PENDING_PAGE:
+                return ids
+            start = "(" + ids[-1]  # exclusive: after the last one listed
+
+    def _lost(self, stream_key: str, group: str, consumer: str, got: set[str]) -> list:
+        pending = [entry_id for entry_id in self._pending_ids(stream_key, group, consumer) if entry_id not in got]
+        lost = self._delivered.unseen(stream_key, group, consumer, pending)
+        if not lost:
+            return []
+        claimed = [
+            record for record in self.client.xclaim(stream_key, group, consumer, 0, lost) if record[0] is not None
+        ]
+        self.lost_replies += len(claimed)
+        log.warning(
+            "store: %d entries of %s delivered to %s in a reply the dropped connection lost; handed out again",
+            len(claimed), stream_key, consumer,
+        )  # fmt: skip
+        return claimed
+
+    def handed_out(self, stream: str, group: str, consumer: str) -> int:
+        """Entries this client handed to ``consumer`` that it does not know acknowledged (see ``Delivered``)."""
+        return self._delivered.count(self.key(stream), group, consumer)
 
     def ack(self, stream: str, group: str, ids: Iterable[str]) -> int:
         """Acknowledge entries of ``group``; returns how many were pending.
@@ -354,7 +415,9 @@ class TrajectoryStore:
         stream_key = self.key(stream)
         mode = "delete" if self.retention == "ack" else "retire"
         keys = [stream_key, stream_key + INFLIGHT_SUFFIX, self.key("retired")]
-        return int(self._ack(keys=keys, args=[group, mode, *ids]))
+        acked = int(self._ack(keys=keys, args=[group, mode, *ids]))
+        self._delivered.drop(stream_key, group, ids)
+        return acked
 
     def advance(
         self,
@@ -402,6 +465,7 @@ class TrajectoryStore:
                 self.client.delete(segment)
             self._load_scripts()
             return self.advance(stream, group, entry_id, to, columns, ready_when, meta)
+        self._delivered.drop(source, group, [entry_id])  # the script acknowledged it, whatever it returned
         return None if result in (None, 0) else _text(result)
 
     def _payload_of(self, stream: str, entry_id: str) -> str | None:
@@ -427,15 +491,12 @@ class TrajectoryStore:
         die or fail) goes to the dead-letter stream instead of being handed out again.
         """
         stream_key = self.key(stream)
-        if owner is not None:
-            held = self.client.xpending_range(
-                stream_key, group, min="-", max="+", count=count, consumername=owner, idle=min_idle_ms
-            )
-            ids = [row["message_id"] for row in held]
-            claimed = self.client.xclaim(stream_key, group, consumer, min_idle_ms, ids) if ids else []
-            records = [record for record in claimed if record[0] is not None]
-        else:
-            records = self._autoclaim(stream_key, group, consumer, min_idle_ms, count)
+        fetch = (
+            partial(self._claim_from, stream_key, group, consumer, owner, min_idle_ms, count)
+            if owner is not None
+            else partial(self._autoclaim, stream_key, group, consumer, min_idle_ms, count)
+        )
+        records = self._deliver(stream_key, group, consumer, fetch)
         deliveries = self._deliveries(stream_key, group, [_text(entry_id) for entry_id, _ in records])
         usable = []
         for record in records:
@@ -447,6 +508,14 @@ class TrajectoryStore:
             else:
                 usable.append(record)
         return self._load(stream, group, usable, columns, expect, deliveries)
+
+    def _claim_from(self, stream_key: str, group: str, consumer: str, owner: str, min_idle_ms: int, count: int) -> list:
+        held = self.client.xpending_range(
+            stream_key, group, min="-", max="+", count=count, consumername=owner, idle=min_idle_ms
+        )
+        ids = [row["message_id"] for row in held]
+        claimed = self.client.xclaim(stream_key, group, consumer, min_idle_ms, ids) if ids else []
+        return [record for record in claimed if record[0] is not None]
 
     def _autoclaim(self, stream_key: str, group: str, consumer: str, min_idle_ms: int, count: int) -> list:
         records: list[tuple[Any, dict]] = []
@@ -488,6 +557,7 @@ class TrajectoryStore:
         stream_key = self.key(stream)
         keys = [stream_key, stream_key + INFLIGHT_SUFFIX, stream_key + DEAD_SUFFIX]
         moved = self._dead_letter(keys=keys, args=[group, entry_id, reason, deliveries])
+        self._delivered.drop(stream_key, group, [entry_id])
         if moved is not None:
             log.error(
                 "store: entry %s of %s (group %s) moved to the dead-letter stream: %s", entry_id, stream, group, reason
@@ -568,6 +638,7 @@ class TrajectoryStore:
         if orphans:
             log.warning("store: %d entries of %s had no payload (already acknowledged); skipped", len(orphans), stream)
             self.client.xack(self.key(stream), group, *orphans)
+            self._delivered.drop(self.key(stream), group, orphans)
         return entries
 
     # -- stream upkeep -------------------------------------------------------------------------
@@ -656,6 +727,11 @@ class TrajectoryStore:
         if batch:
             deleted += int(self.client.unlink(*batch))
         return deleted
+
+
+def _reconnects(client: redis.Redis) -> int:
+    """Calls ``client`` has retried after a dropped connection so far (0 without a ``ReconnectRetry``)."""
+    return getattr(client.get_retry(), "reconnects", 0)
 
 
 def _parse_id(entry_id: bytes | str) -> tuple[int, int]:

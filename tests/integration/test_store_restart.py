@@ -4,9 +4,10 @@
   with a reconnect budget carries on, and the data acknowledged before the kill is all there.
 - Without AOF, or past ``max_restarts``, the keeper records a ``StoreLost`` saying why.
 - A put whose reply is lost (the connection drops after the server ran it) and that the client then retries
-  appends one entry, not two. The lost reply is caused by a small TCP relay in front of the real server that
-  closes the connection instead of passing the reply back: a fault a real server cannot be made to produce on
-  demand.
+  appends one entry, not two. A read whose reply is lost hands out, on its retry, the entries the lost reply had
+  delivered (pending for a live consumer, nothing would ever claim them), and none it had handed out before. The
+  lost reply is caused by a small TCP relay in front of the real server that closes the connection instead of
+  passing the reply back: a fault a real server cannot be made to produce on demand.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from storage import EmbeddedRedis, StoreError, TrajectoryStore, connect
+from storage import EmbeddedRedis, StoreError, TrajectoryStore, connect, delivered
 from storage.keeper import ServerKeeper
 from tests.integration.test_store_faults import _batch
 
@@ -109,11 +110,13 @@ def test_an_unreachable_store_still_fails_at_once_on_connect(tmp_path: Path) -> 
 
 
 class _LosingRelay:
-    """TCP relay to a real server that, once armed, passes the first EVALSHA to the server and then closes the
-    client's connection without passing back the replies: the put ran, its caller never heard."""
+    """TCP relay to a real server that, once armed, passes the first ``command`` (a put's EVALSHA) to the server
+    and then closes the client's connection without passing back the replies: the call ran, its caller never
+    heard."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, command: bytes = b"EVALSHA") -> None:
         self.upstream = ("127.0.0.1", port)
+        self.command = command
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.armed = threading.Event()
@@ -136,13 +139,13 @@ class _LosingRelay:
         try:
             while data := client.recv(65536):
                 seen, tail = tail + data, data[-16:]
-                losing = self.armed.is_set() and b"EVALSHA" in seen
+                losing = self.armed.is_set() and self.command in seen
                 if losing:  # before the bytes go on: an answer that came back at once must not reach the client
                     self.armed.clear()
                     lose.set()
                 server.sendall(data)
                 if losing:
-                    time.sleep(0.5)  # the server runs the script and answers; the relay keeps the answer
+                    time.sleep(0.5)  # the server runs the command and answers; the relay keeps the answer
                     break
         except OSError:
             pass
@@ -183,3 +186,52 @@ def test_a_put_retried_after_its_reply_was_lost_appends_one_entry(tmp_path: Path
             store.close()
         finally:
             relay.close()
+
+
+def test_entries_a_read_delivered_in_a_lost_reply_are_handed_out_by_its_retry(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path, password="") as server:
+        relay = _LosingRelay(server.port, b"XREADGROUP")
+        try:
+            client = connect(f"redis://127.0.0.1:{relay.port}/0", 5.0, reconnect_s=RECONNECT_S)
+            store = TrajectoryStore(client, f"lost-{uuid.uuid4().hex[:8]}", 5.0)
+            store.ensure_group(STREAM, GROUP)
+            ids = [store.put(STREAM, _batch(index)) for index in range(3)]
+            (held,) = store.read(STREAM, GROUP, "t0", count=1)  # handed out before: must not come back
+            relay.armed.set()
+            entries = store.read(STREAM, GROUP, "t0", count=1, block_ms=0)
+
+            assert relay.dropped.is_set() and client.get_retry().reconnects >= 1  # the read really was retried
+            # The lost reply delivered ids[1]; the retry read ids[2]. Both are handed out, oldest first.
+            assert held.id == ids[0] and [entry.id for entry in entries] == ids[1:]
+            for entry in entries:
+                assert entry.table.equals(_batch(ids.index(entry.id)))
+            assert store.lost_replies == 1 and store.pending(STREAM, GROUP) == 3
+            assert store.read(STREAM, GROUP, "t0", count=10, block_ms=0) == []
+            assert store.ack(STREAM, GROUP, ids) == 3 and store.inflight(STREAM) == (0, 0)
+            store.close()
+        finally:
+            relay.close()
+
+
+def test_ids_acknowledged_through_another_client_are_forgotten_and_held_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivered, "PRUNE_AT", 4)
+    with EmbeddedRedis(tmp_path, password="") as server:
+        run_id = f"prune-{uuid.uuid4().hex[:8]}"
+        reader, writer = (TrajectoryStore(connect(server.url, 5.0), run_id, 5.0) for _ in range(2))
+        reader.ensure_group(STREAM, GROUP)
+        ids = [reader.put(STREAM, _batch(index)) for index in range(5)]
+        (held,) = reader.read(STREAM, GROUP, "t0", count=1)
+        for _ in range(2):  # a rollout worker's writer acks the prompts its reader took
+            (entry,) = reader.read(STREAM, GROUP, "t0", count=1)
+            writer.ack(STREAM, GROUP, [entry.id])
+        assert reader.handed_out(STREAM, GROUP, "t0") == 3
+        (fourth,) = reader.read(STREAM, GROUP, "t0", count=1)  # the 4th id: cut down to what is still pending
+        assert reader.handed_out(STREAM, GROUP, "t0") == 2
+        reader.ack(STREAM, GROUP, [held.id])
+        assert reader.handed_out(STREAM, GROUP, "t0") == 1
+        assert [entry.id for entry in reader.read(STREAM, GROUP, "t0", count=10)] == ids[4:]
+        assert reader.pending(STREAM, GROUP) == 2 and fourth.id == ids[3]
+        for store in (reader, writer):
+            store.close()
