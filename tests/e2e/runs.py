@@ -42,6 +42,17 @@ def wait_for(what: str, check: Callable[[], object], proc: subprocess.Popen, tim
     raise AssertionError(f"no {what} within {timeout_s}s")
 
 
+def finish(proc: subprocess.Popen, log: Path, timeout_s: float) -> int:
+    """The exit code of ``proc`` (started by ``start_asyncrl`` with output into ``log``) once it ends; one that
+    outlives ``timeout_s`` is killed, and the test fails with the end of its output (where it stalled)."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise AssertionError(f"the run did not end within {timeout_s}s:\n{Path(log).read_text()[-4000:]}") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 

@@ -21,7 +21,7 @@ import pytest
 from asyncrl.checkpoint import verify
 from asyncrl.types import Groups, Streams
 from storage import EmbeddedRedis, TrajectoryStore, connect
-from tests.e2e.runs import every_prompt_trained_once, read_jsonl, run_pids, start_asyncrl, steps_done, wait_for
+from tests.e2e.runs import every_prompt_trained_once, finish, read_jsonl, run_pids, start_asyncrl, steps_done, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +37,7 @@ def _start(tmp_path: Path, *overrides: str) -> subprocess.Popen:
 
 def _finish(proc: subprocess.Popen, log: Path) -> tuple[int, str]:
     """The run's exit code and output, once it ends (killed if it outlives RUN_TIMEOUT_S)."""
-    try:
-        proc.wait(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
-        pytest.fail(f"the run did not end within {RUN_TIMEOUT_S}s after the kill:\n{log.read_text()[-4000:]}")
-    return proc.returncode, log.read_text()
+    return finish(proc, log, RUN_TIMEOUT_S), log.read_text()
 
 
 @pytest.mark.parametrize("transport", ["object_store", "broadcast"])

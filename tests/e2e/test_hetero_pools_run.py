@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from tests.e2e.runs import read_jsonl, run_pids, start_asyncrl, steps_done, train_tiny, wait_for
+from tests.e2e.runs import finish, read_jsonl, run_pids, start_asyncrl, steps_done, train_tiny, wait_for
 
 RUN_TIMEOUT_S = 240
 
@@ -58,7 +58,7 @@ def test_a_killed_engine_of_the_bf16_pool_rejoins_by_its_own_pools_link(tmp_path
         killed_after = steps_done(run_dir)
         pid = run_pids(run_dir)["rollout-1"]
         os.kill(pid, signal.SIGKILL)
-        proc.wait(timeout=RUN_TIMEOUT_S)
+        finish(proc, log, RUN_TIMEOUT_S)
     finally:
         proc.kill()
     assert proc.returncode == 0, log.read_text()[-4000:]
@@ -85,7 +85,7 @@ def test_a_stopped_engine_of_the_bf16_pool_is_caught_restarted_and_resynced_whil
         wait_for("the first step", lambda: steps_done(run_dir) >= 1, proc)
         stopped = run_pids(run_dir)["rollout-1"]
         os.kill(stopped, signal.SIGSTOP)
-        proc.wait(timeout=RUN_TIMEOUT_S)
+        finish(proc, log, RUN_TIMEOUT_S)
     finally:
         proc.kill()
         if stopped is not None:

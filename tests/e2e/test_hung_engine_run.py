@@ -17,6 +17,7 @@ import pytest
 
 from tests.e2e.runs import (
     every_prompt_trained_once,
+    finish,
     read_jsonl,
     run_pids,
     start_asyncrl,
@@ -41,7 +42,7 @@ def test_a_stopped_rollout_worker_is_caught_by_the_sync_timeout_killed_and_resta
         wait_for("the first step", lambda: steps_done(run_dir) >= 1, proc, timeout_s=RUN_TIMEOUT_S)
         stopped = run_pids(run_dir)["rollout-0"]
         os.kill(stopped, signal.SIGSTOP)
-        code = proc.wait(timeout=RUN_TIMEOUT_S)
+        code = finish(proc, log, RUN_TIMEOUT_S)
     finally:
         if proc.poll() is None:
             proc.kill()

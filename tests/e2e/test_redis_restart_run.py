@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.runs import read_jsonl, start_asyncrl, wait_for
+from tests.e2e.runs import finish, read_jsonl, start_asyncrl, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_a_killed_redis_server_with_aof_is_restarted_and_the_run_finishes(tmp_pa
     proc = start_asyncrl(log, "train", *job, "store.appendonly=true")
     try:
         killed = _kill_redis_after_step_one(run_dir, proc)
-        code = proc.wait(timeout=RUN_TIMEOUT_S)
+        code = finish(proc, log, RUN_TIMEOUT_S)
     finally:
         proc.kill()
     text = log.read_text()
@@ -72,7 +72,7 @@ def test_without_aof_a_killed_redis_server_ends_the_run_saying_so(tmp_path: Path
     proc = start_asyncrl(log, "train", *job)
     try:
         killed = _kill_redis_after_step_one(run_dir, proc)
-        code = proc.wait(timeout=RUN_TIMEOUT_S)
+        code = finish(proc, log, RUN_TIMEOUT_S)
     finally:
         proc.kill()
     text = log.read_text()
