@@ -7,7 +7,9 @@
   appends one entry, not two. A read whose reply is lost hands out, on its retry, the entries the lost reply had
   delivered (pending for a live consumer, nothing would ever claim them), and none it had handed out before. The
   lost reply is caused by a small TCP relay in front of the real server that closes the connection instead of
-  passing the reply back: a fault a real server cannot be made to produce on demand.
+  passing the reply back: a fault a real server cannot be made to produce on demand. It does produce it now and
+  then: a producer and a blocked consumer through 30 real kills lost one or two entries in 2 of 3 tries before
+  reads recovered their lost replies, and lose none now.
 """
 
 from __future__ import annotations
@@ -234,4 +236,52 @@ def test_ids_acknowledged_through_another_client_are_forgotten_and_held_ones_kep
         assert [entry.id for entry in reader.read(STREAM, GROUP, "t0", count=10)] == ids[4:]
         assert reader.pending(STREAM, GROUP) == 2 and fourth.id == ids[3]
         for store in (reader, writer):
+            store.close()
+
+
+def test_entries_put_and_read_through_repeated_kills_are_each_handed_out_once(tmp_path: Path) -> None:
+    """A producer and a blocked consumer run while the server is killed (SIGKILL) and restarted on its AOF again
+    and again: every entry put is handed to the consumer exactly once, whichever replies the kills cut off."""
+    kills, total = 30, 600
+    server = EmbeddedRedis(tmp_path, appendonly=True, appendfsync="always", unix_socket=True).start()
+    with ServerKeeper(server, max_restarts=kills) as keeper:
+        run_id = f"kills-{uuid.uuid4().hex[:8]}"
+        producer, consumer = (TrajectoryStore(connect(server.unix_url, 5.0, RECONNECT_S), run_id, 5.0) for _ in "pc")
+        consumer.ensure_group(STREAM, GROUP)
+        put_ids: list[str] = []
+        got: list[str] = []
+        errors: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                for index in range(total):
+                    put_ids.append(producer.put(STREAM, _batch(index)))
+                    time.sleep(0.01)
+            except BaseException as err:  # reported by the test below
+                errors.append(err)
+
+        def consume() -> None:
+            deadline = time.monotonic() + 30
+            try:
+                while len(got) < total and time.monotonic() < deadline:
+                    entries = consumer.read(STREAM, GROUP, "t0", count=5, block_ms=100)
+                    got.extend(entry.id for entry in entries)
+                    consumer.ack(STREAM, GROUP, [entry.id for entry in entries])
+            except BaseException as err:
+                errors.append(err)
+
+        threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+        for thread in threads:
+            thread.start()
+        for restart in range(1, kills + 1):
+            time.sleep(0.15)
+            os.kill(server.pid, signal.SIGKILL)
+            _until(f"restart {restart}", lambda restart=restart: keeper.restarts == restart)
+        for thread in threads:
+            thread.join(timeout=90)
+        assert not errors, errors
+        assert keeper.failure is None and keeper.restarts == kills
+        assert len(got) == len(set(got)) and sorted(got) == sorted(put_ids), (len(got), len(put_ids))
+        assert len(put_ids) == total and consumer.pending(STREAM, GROUP) == 0
+        for store in (producer, consumer):
             store.close()
