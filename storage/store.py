@@ -5,7 +5,9 @@ group and ``read`` batches no one else got; ``ack`` ends an entry's life (freein
 ``advance`` adds a stage's columns and hands the entry to the next stage's stream, and
 ``claim_stale`` takes over what a dead consumer read but never acknowledged. An entry that keeps
 failing (delivered ``max_deliveries`` times, or a payload that does not decode) moves to the
-stream's dead-letter stream ``<stream>:dead`` with the reason, and the stage goes on.
+stream's dead-letter stream ``<stream>:dead`` with the reason, and the stage goes on. A read or claim
+that a dropped connection made the client retry also hands out the entries its lost reply had delivered
+(``storage.delivered``), so a restarted server strands nothing with a live consumer.
 
 Back-pressure: ``limits`` bound the entries and bytes in flight on a stream (put and not yet
 acknowledged or advanced); ``put`` waits, up to its timeout, while the stream is full, and the
