@@ -151,6 +151,8 @@ class Pipeline:
 
     def step(self, step: int, scheduler: Scheduler) -> tuple[dict, list[dict]]:
         """One optimizer step under ``scheduler``, then the weight sync it asks for; (metrics record, ledger)."""
+        from storage.store import LOST_REPLIES
+
         cfg, store = self.cfg, self.store
         tic, tokens_before = time.monotonic(), store.incr("rollout_tokens", 0)
         counts_before = (scheduler.issued, scheduler.blocked, scheduler.dropped)
@@ -177,6 +179,7 @@ class Pipeline:
         record["rollout_restarts"] = sum(self.supervisor.restarts)
         record["rollout_hangs"] = self.supervisor.hangs
         record["prompts_reclaimed"] = store.incr("prompts_reclaimed", 0)
+        record["store_lost_replies"] = store.incr(LOST_REPLIES, 0)  # entries a killed server's lost replies held
         if self.redis_pid is not None:  # embedded: a killed server is restarted in a new process (storage/keeper.py)
             self.redis_pid = int(store.client.info("server")["process_id"])
             record["store_restarts"] = self.supervisor.follow_store(self.redis_pid)

@@ -58,6 +58,8 @@ PUT_MARK_TTL_S = 600
 """Life of a put's mark (``put:<id>``, the entry id it appended, so that a retried put appends no second
 entry); a retry comes within the client's reconnect budget (store.reconnect_s, at most half of this)."""
 RETENTION_MODES = ("ack", "checkpoint")
+LOST_REPLIES = "lost_replies"
+"""The run's counter of entries handed out again after a lost reply (``Delivered``), whichever client found them."""
 
 # A blocking XREADGROUP is answered by the server only when the block ends, so the block must
 # end this long before the client's socket timeout, or a quiet stream reads as a dead server.
@@ -394,6 +396,7 @@ class TrajectoryStore:
             record for record in self.client.xclaim(stream_key, group, consumer, 0, lost) if record[0] is not None
         ]
         self.lost_replies += len(claimed)
+        self.incr(LOST_REPLIES, len(claimed))
         log.warning(
             "store: %d entries of %s delivered to %s in a reply the dropped connection lost; handed out again",
             len(claimed), stream_key, consumer,

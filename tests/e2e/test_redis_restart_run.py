@@ -57,6 +57,7 @@ def test_a_killed_redis_server_with_aof_is_restarted_and_the_run_finishes(tmp_pa
     assert [record["policy_version"] for record in metrics] == list(range(1, STEPS + 1))
     last = metrics[-1]
     assert last["store_restarts"] == 1
+    assert last["store_lost_replies"] >= 0  # reported; whether the kill cut off a read's reply is chance
     assert last["store_inflight_prompts"] == 0 and last["store_dead_letters"] == 0 and last["dropped_groups"] == 0
     assert all(record["samples_trained"] == PROMPTS * GROUP for record in metrics)
     sample_ids = [row["sample_id"] for row in ledger]

@@ -28,6 +28,7 @@ import redis
 
 from storage import EmbeddedRedis, StoreError, TrajectoryStore, connect, delivered
 from storage.keeper import ServerKeeper
+from storage.store import LOST_REPLIES
 from tests.integration.test_store_faults import _batch
 
 STREAM, GROUP = "trajectories", "trainer"
@@ -208,6 +209,7 @@ def test_entries_a_read_delivered_in_a_lost_reply_are_handed_out_by_its_retry(tm
             for entry in entries:
                 assert entry.table.equals(_batch(ids.index(entry.id)))
             assert store.lost_replies == 1 and store.pending(STREAM, GROUP) == 3
+            assert store.incr(LOST_REPLIES, 0) == 1  # the run's counter, which metrics.jsonl reports
             assert store.read(STREAM, GROUP, "t0", count=10, block_ms=0) == []
             assert store.ack(STREAM, GROUP, ids) == 3 and store.inflight(STREAM) == (0, 0)
             store.close()
@@ -283,5 +285,6 @@ def test_entries_put_and_read_through_repeated_kills_are_each_handed_out_once(tm
         assert keeper.failure is None and keeper.restarts == kills
         assert len(got) == len(set(got)) and sorted(got) == sorted(put_ids), (len(got), len(put_ids))
         assert len(put_ids) == total and consumer.pending(STREAM, GROUP) == 0
+        assert consumer.incr(LOST_REPLIES, 0) == consumer.lost_replies
         for store in (producer, consumer):
             store.close()
