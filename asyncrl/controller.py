@@ -179,7 +179,8 @@ class Pipeline:
         record["rollout_restarts"] = sum(self.supervisor.restarts)
         record["rollout_hangs"] = self.supervisor.hangs
         record["prompts_reclaimed"] = store.incr("prompts_reclaimed", 0)
-        record["store_lost_replies"] = store.incr(LOST_REPLIES, 0)  # re-handed after a killed server cut off a read's reply
+        # Entries handed out again after a killed server cut off a read's reply (storage/delivered.py).
+        record["store_lost_replies"] = store.incr(LOST_REPLIES, 0)
         if self.redis_pid is not None:  # embedded: a killed server is restarted in a new process (storage/keeper.py)
             self.redis_pid = int(store.client.info("server")["process_id"])
             record["store_restarts"] = self.supervisor.follow_store(self.redis_pid)
