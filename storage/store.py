@@ -368,9 +368,11 @@ class TrajectoryStore:
         with self._delivered.lock:
             before = _reconnects(self.client)
             records = fetch()
+            ids = [_text(record[0]) for record in records]
             if _reconnects(self.client) != before:
-                records = self._lost(stream_key, group, consumer, {_text(record[0]) for record in records}) + records
-            if self._delivered.add(stream_key, group, consumer, [_text(record[0]) for record in records]):
+                lost = self._lost(stream_key, group, consumer, set(ids))
+                records, ids = lost + records, [_text(record[0]) for record in lost] + ids
+            if self._delivered.add(stream_key, group, consumer, ids):
                 self._delivered.keep(stream_key, group, consumer, self._pending_ids(stream_key, group, consumer))
         return records
 
@@ -642,8 +644,9 @@ class TrajectoryStore:
             entries.append(Entry(id=entry_id, table=table, meta=meta))
         if orphans:
             log.warning("store: %d entries of %s had no payload (already acknowledged); skipped", len(orphans), stream)
-            self.client.xack(self.key(stream), group, *orphans)
-            self._delivered.drop(self.key(stream), group, orphans)
+            stream_key = self.key(stream)
+            self.client.xack(stream_key, group, *orphans)
+            self._delivered.drop(stream_key, group, orphans)
         return entries
 
     # -- stream upkeep -------------------------------------------------------------------------
